@@ -1,0 +1,125 @@
+"""File helpers shared by every scorer: reading answer files, token means, result JSON.
+
+Answer lines are written by ``llava.eval`` runners; each carries upstream's fields (``question_id``, ``prompt``,
+``text``, ``answer_id``, ``model_id``, ``metadata``) plus ``tokens``: a mapping of per-sample token statistics
+(``visual_before``, ``visual_after``, ``inflection``, ``prompt``, ``generated``, ``kv_final``; LLaVA-1.6 adds
+per-crop lists). Scorers never import model code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+class EvalInputError(ValueError):
+    """Bad benchmark input; the message names the file, line or question id."""
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every JSON object in a JSON-lines file; a bad line is an error naming the file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalInputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise EvalInputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise EvalInputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def answers_by_id(rows: Iterable[dict[str, Any]], source: str) -> dict[Any, dict[str, Any]]:
+    """Index answers by ``question_id`` (plus ``round_id`` when present); duplicates are an error."""
+    out: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        if "question_id" not in row:
+            raise EvalInputError(f"{source}: answer line without question_id: {str(row)[:120]}")
+        key = row["question_id"] if "round_id" not in row else (row["question_id"], row["round_id"])
+        if key in out:
+            raise EvalInputError(f"{source}: question_id {key!r} answered twice")
+        out[key] = row
+    return out
+
+
+def token_means(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Mean of every numeric token statistic over the answers that carry it (lists are summed per answer)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        for key, value in (row.get("tokens") or {}).items():
+            if isinstance(value, list):
+                value = sum(v for v in value if isinstance(v, (int, float)))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return {key: sums[key] / counts[key] for key in sorted(sums)}
+
+
+def check_finite(metrics: dict[str, Any], source: str) -> None:
+    """Refuse to write NaN or infinite metrics: they are always a bug upstream of the scorer."""
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            check_finite(value, f"{source}.{key}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise EvalInputError(f"{source}: metric {key!r} is {value}; refusing to write a non-finite score")
+
+
+def write_result(
+    path: str | Path | None,
+    benchmark: str,
+    metrics: dict[str, Any],
+    headline: float,
+    count: int,
+    tokens: dict[str, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write the result JSON every scorer produces (and return it)."""
+    result = {
+        "benchmark": benchmark,
+        "headline": headline,
+        "count": count,
+        "metrics": metrics,
+        "tokens": tokens,
+        **extra,
+    }
+    check_finite({"headline": headline, **metrics}, benchmark)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
+def format_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A plain Markdown table (numbers printed with at most 2 decimals)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
