@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +123,50 @@ def format_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def answer_text(row: dict[str, Any], source: str) -> str | None:
+    """The prediction of an answer line, or None when the runner recorded a failure (``error``, from --skip-errors).
+
+    Failed samples must be scored as wrong, never dropped, so scorers treat None like an unparseable answer.
+    """
+    if row.get("error") is not None:
+        return None
+    text = row.get("text")
+    if not isinstance(text, str):
+        raise EvalInputError(f"{source}: question_id {row.get('question_id')!r}: 'text' is missing or not a string")
+    return text
+
+
+def answers_by_str_id(rows: Iterable[dict[str, Any]], source: str) -> dict[str, dict[str, Any]]:
+    """Index answers by ``str(question_id)``, so ids written as 12 or "12" by different tools still meet."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if "question_id" not in row:
+            raise EvalInputError(f"{source}: answer line without question_id: {str(row)[:120]}")
+        key = str(row["question_id"])
+        if key in out:
+            raise EvalInputError(f"{source}: question_id {row['question_id']!r} answered twice")
+        out[key] = row
+    return out
+
+
+def check_known_ids(ids: Iterable[Any], known: Container[Any], source: str) -> None:
+    """An answer to a question the benchmark does not have means the wrong question or answer file: refuse."""
+    unknown = [key for key in ids if key not in known]
+    if unknown:
+        raise EvalInputError(
+            f"{source}: {len(unknown)} answer(s) for question ids not in the benchmark, e.g. {id_list(unknown)}"
+        )
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, with 0.0 for an empty denominator so no NaN reaches a result."""
+    return numerator / denominator if denominator else 0.0
+
+
+def id_list(ids: Iterable[Any], limit: int = 10) -> str:
+    """A short printable list of ids for messages (the first ``limit``, then a count of the rest)."""
+    ids = list(ids)
+    shown = ", ".join(repr(key) for key in ids[:limit])
+    return shown + (f" ... (+{len(ids) - limit} more)" if len(ids) > limit else "")
