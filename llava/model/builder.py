@@ -1,0 +1,235 @@
+"""`load_pretrained_model`: upstream's entry point, choosing the loading route from the files present.
+
+Routes (upstream chose them from substrings of the folder name; we look at the files and the config):
+- LoRA: ``adapter_config.json`` + adapter weights + ``non_lora_trainables.bin`` on top of ``model_base``, merged;
+- projector only: ``mm_projector.bin`` and no LLM weights, on top of ``model_base``;
+- full LLaVA checkpoint: LLM + projector weights, ``mm_vision_tower`` in the config;
+- plain language model: a config without ``mm_vision_tower``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from llava.tokenization import load_tokenizer
+from pruning import PruningConfig, resolve_pruning
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+LLAVA_MODEL_TYPES = {"llava", "llava_llama"}
+
+
+class CheckpointError(OSError):
+    """A checkpoint folder is missing files or its files contradict each other; the message names them."""
+
+
+def resolve_model_path(model_path: str | os.PathLike) -> Path:
+    """A local folder, or a hub id fetched into (or found in) the Hugging Face cache."""
+    path = Path(os.path.expanduser(str(model_path)))
+    if path.is_dir():
+        return path
+    name = str(model_path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"model folder not found: {name}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name))
+    except Exception as err:  # the hub client raises many types (offline, 404, auth)
+        raise CheckpointError(
+            f"{name!r} is not a local folder and could not be fetched from the Hugging Face hub ({err})"
+        ) from err
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"checkpoint folder {folder} has no config.json")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err.msg})") from None
+
+
+def has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in WEIGHT_FILES) or any(folder.glob("model-*.safetensors"))
+
+
+def detect_route(folder: Path, config: dict[str, Any], model_base: str | None) -> str:
+    """'lora', 'projector', 'llava' or 'language_model', from the files in ``folder``."""
+    if (folder / "adapter_config.json").is_file():
+        missing = [] if any((folder / f).is_file() for f in ADAPTER_FILES) else ["adapter_model.safetensors|.bin"]
+        if "mm_vision_tower" in config and not (folder / "non_lora_trainables.bin").is_file():
+            missing.append("non_lora_trainables.bin")
+        if missing:
+            raise CheckpointError(f"LoRA checkpoint {folder} is missing {', '.join(missing)}")
+        if model_base is None:
+            raise CheckpointError(
+                f"{folder} is a LoRA checkpoint (adapter_config.json): pass the base LLM with --model-base "
+                "(e.g. lmsys/vicuna-7b-v1.5)"
+            )
+        return "lora"
+    if "mm_vision_tower" not in config:
+        if not has_weights(folder):
+            raise CheckpointError(f"{folder} has a config but no weights ({', '.join(WEIGHT_FILES)})")
+        return "language_model"
+    if has_weights(folder):
+        if model_base is not None:
+            warnings.warn(f"{folder} holds full weights; --model-base {model_base} is ignored", stacklevel=3)
+        return "llava"
+    if (folder / "mm_projector.bin").is_file():
+        if model_base is None:
+            raise CheckpointError(f"{folder} holds only mm_projector.bin: pass the base LLM with --model-base")
+        return "projector"
+    raise CheckpointError(f"{folder} has no weights: expected one of {', '.join(WEIGHT_FILES)} or mm_projector.bin")
+
+
+def llava_config(config: dict[str, Any], source: Path) -> LlavaConfig:
+    model_type = config.get("model_type")
+    if model_type not in LLAVA_MODEL_TYPES:
+        raise CheckpointError(
+            f"{source}/config.json: model_type {model_type!r} is not a LLaVA-Llama checkpoint "
+            f"(expected one of {sorted(LLAVA_MODEL_TYPES)})"
+        )
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    return LlavaConfig(**fields)
+
+
+def strip_non_lora_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``base_model.model.model.mm_projector.0.weight`` -> ``model.mm_projector.0.weight``."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("base_model."):
+            key = key[len("base_model.") :]
+        if key.startswith("model.model."):
+            key = key[len("model.") :]
+        out[key] = value
+    return out
+
+
+def _load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{source}: keys that match no parameter of the model: {result.unexpected_keys[:8]}")
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: str | None = None,
+    model_name: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: str | dict | None = "auto",
+    device: str = "cuda",
+    use_flash_attn: bool = False,
+    dtype: torch.dtype | None = None,
+    vision_tower: str | None = None,
+    pruning: PruningConfig | dict | None = None,
+    **kwargs: Any,
+):
+    """Load a LLaVA checkpoint. Returns ``(tokenizer, model, image_processor, context_len)`` as upstream.
+
+    ``model_name`` is accepted for upstream compatibility; the route comes from the files. ``vision_tower``
+    overrides ``mm_vision_tower`` (e.g. a local CLIP folder on an offline machine); ``pruning`` overrides the
+    checkpoint's pruning section (a PruningConfig, or a dict of changed fields).
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
+    if device != "cuda":
+        device_map = {"": device}
+    if dtype is None:
+        dtype = torch.float16 if device == "cuda" else torch.float32
+    load_kwargs: dict[str, Any] = {"device_map": device_map, "dtype": dtype, **kwargs}
+    if load_8bit or load_4bit:
+        if find_spec("bitsandbytes") is None:
+            raise ImportError("--load-8bit/--load-4bit need bitsandbytes: pip install bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        load_kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if load_8bit
+            else BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_compute_dtype=torch.float16,
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_quant_type="nf4",
+            )
+        )
+    if use_flash_attn:
+        if find_spec("flash_attn") is None:
+            raise ImportError("use_flash_attn needs flash-attn: pip install -e '.[flash]' --no-build-isolation")
+        load_kwargs["attn_implementation"] = "flash_attention_2"
+    else:
+        load_kwargs.setdefault("attn_implementation", "sdpa")
+
+    folder = resolve_model_path(model_path)
+    raw_config = read_config(folder)
+    route = detect_route(folder, raw_config, model_base)
+    base = resolve_model_path(model_base) if route in ("lora", "projector") else None
+
+    if route == "language_model":
+        tokenizer = load_tokenizer(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
+        return tokenizer, model, None, getattr(model.config, "max_sequence_length", 2048)
+
+    config = llava_config(raw_config, folder)
+    if vision_tower is not None:
+        config.mm_vision_tower = str(vision_tower)
+    config.pruning = resolve_pruning(getattr(config, "pruning", None), _overrides(pruning)).to_dict()
+    if route == "llava":
+        model = LlavaLlamaForCausalLM.from_pretrained(folder, config=config, **load_kwargs)
+        tokenizer_dir = folder
+    else:
+        model = LlavaLlamaForCausalLM.from_pretrained(base, config=config, **load_kwargs)
+        tokenizer_dir = folder if (folder / "tokenizer.model").is_file() else base
+        if route == "projector":
+            weights = torch.load(folder / "mm_projector.bin", map_location="cpu", weights_only=True)
+            _load_state_into(model, {k: v.to(dtype) for k, v in weights.items()}, folder / "mm_projector.bin")
+        else:
+            model = _load_lora(model, folder, dtype).merge_and_unload()
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model.set_pruning(config.pruning)
+
+    tower = model.get_vision_tower()
+    tower.load_model(device_map=None, dtype=dtype)
+    tower.to(device=model.device, dtype=dtype)
+    image_processor = tower.image_processor
+    context_len = getattr(model.config, "max_sequence_length", 2048)
+    model.eval()
+    return tokenizer, model, image_processor, context_len
+
+
+def _overrides(pruning: PruningConfig | dict | None) -> dict[str, Any]:
+    if pruning is None:
+        return {}
+    if isinstance(pruning, PruningConfig):
+        return pruning.to_dict()
+    return dict(pruning)
+
+
+def _load_lora(model, folder: Path, dtype: torch.dtype):
+    """Load non_lora_trainables.bin, then wrap with the adapter (merged by the caller)."""
+    from peft import PeftModel
+
+    non_lora_file = folder / "non_lora_trainables.bin"
+    if non_lora_file.is_file():
+        state = torch.load(non_lora_file, map_location="cpu", weights_only=True)
+        _load_state_into(model, {k: v.to(dtype) for k, v in strip_non_lora_keys(state).items()}, non_lora_file)
+    return PeftModel.from_pretrained(model, str(folder))

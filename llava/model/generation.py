@@ -1,0 +1,86 @@
+"""`generate` for LLaVA models: images in, new tokens out (as upstream), batch > 1 with left padding, and the
+per-sample token statistics the paper reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pruning import PruningConfig
+
+
+@dataclass
+class LlavaGenerateOutput:
+    sequences: torch.Tensor  # [B, G] new tokens only (finished samples padded with pad_token_id)
+    token_stats: list[
+        dict[str, Any]
+    ]  # per sample: visual_before, visual_after, inflection, prompt, generated, kv_final
+    raw: Any = None  # what transformers' generate returned (a ModelOutput when return_dict_in_generate=True)
+
+
+def generated_lengths(sequences: torch.Tensor, eos_token_id) -> list[int]:
+    """Tokens each sample generated, its first end-of-sequence token included."""
+    eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    eos = [e for e in eos if e is not None]
+    lengths = []
+    for row in sequences:
+        hits = torch.isin(row, torch.tensor(eos, device=row.device)).nonzero() if eos else torch.empty(0)
+        lengths.append(int(hits[0, 0]) + 1 if len(hits) else int(row.shape[0]))
+    return lengths
+
+
+class LlavaGenerationMixin:
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        images: torch.Tensor | list | None = None,
+        image_sizes: list | None = None,
+        pruning: PruningConfig | dict | None = None,
+        return_stats: bool = False,
+        **kwargs: Any,
+    ):
+        """Generate from token ids (with IMAGE_TOKEN_INDEX placeholders) and images.
+
+        Returns only the new tokens, like upstream. ``pruning`` overrides the model's pruning config for this call;
+        ``return_stats=True`` returns a LlavaGenerateOutput with per-sample token statistics.
+        """
+        if "inputs_embeds" in kwargs:
+            raise ValueError("LLaVA generate builds inputs_embeds itself; pass token ids (and images) instead")
+        if inputs is None:
+            raise ValueError("generate needs input ids")
+        attention_mask = kwargs.pop("attention_mask", None)
+        kwargs.pop("position_ids", None)  # recomputed from the merged attention mask
+        pruning = (
+            self.pruning_config
+            if pruning is None
+            else PruningConfig.from_dict(
+                pruning.to_dict() if isinstance(pruning, PruningConfig) else pruning, source="generate(pruning=...)"
+            )
+        )
+        merged = self.merge_multimodal(inputs, attention_mask, None, images, image_sizes, "left", pruning)
+        cache = None
+        if pruning.kv_enabled:
+            if kwargs.get("num_beams", 1) > 1:
+                raise ValueError("beam search is not supported with KV eviction (--kv-pruning h2o); use num_beams=1")
+            from pruning.kv_cache import make_eviction_cache
+
+            cache = make_eviction_cache(self, pruning, merged.attention_mask)
+            kwargs["past_key_values"] = cache
+        out = super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
+        if not return_stats:
+            return out
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
+        lengths = generated_lengths(sequences, eos)
+        stats = []
+        for b, sample in enumerate(merged.token_stats):
+            sample = dict(sample)
+            sample["generated"] = lengths[b]
+            sample["kv_final"] = (
+                int(cache.final_kv_lengths(lengths)[b]) if cache is not None else sample["prompt"] + lengths[b]
+            )
+            stats.append(sample)
+        return LlavaGenerateOutput(sequences=sequences, token_stats=stats, raw=out)

@@ -1,0 +1,263 @@
+"""The multimodal parts shared by every LLaVA language model: tower + projector, and the merge of image features
+into the token sequence.
+
+Differences from upstream, on purpose: images may keep different numbers of tokens per sample (stage 1), the merge
+re-pads left or right on request (left for generation, so batch > 1 works), and every merge reports per-sample
+token statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.model.multimodal_encoder.clip_encoder import build_vision_tower
+from llava.model.multimodal_projector.builder import build_vision_projector
+from pruning import PruningConfig
+
+
+class MultimodalInputError(ValueError):
+    """Prompts and images do not fit together (e.g. two <image> tags, one image)."""
+
+
+@dataclass
+class ImageFeatures:
+    """Projected features of each image (variable length) and per-image stage-1 statistics."""
+
+    features: list[torch.Tensor]  # one [k_i, hidden] tensor per image
+    n: list[int]
+    kept: list[int]
+    inflection: list[int]
+    extra: list[dict[str, Any]] = field(default_factory=list)  # per-image extras (e.g. per-crop counts)
+
+
+@dataclass
+class MergedInputs:
+    inputs_embeds: torch.Tensor  # [B, L, hidden]
+    attention_mask: torch.Tensor  # [B, L] long
+    position_ids: torch.Tensor  # [B, L]
+    labels: torch.Tensor | None  # [B, L]
+    token_stats: list[dict[str, Any]]  # per sample: visual_before, visual_after, inflection, prompt
+
+
+class LlavaMetaModel:
+    """Mixin placed before the language model's base class (e.g. LlamaModel)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "mm_vision_tower", None):
+            self.vision_tower = build_vision_tower(config, delay_load=True)
+            self.mm_projector = build_vision_projector(config)
+            if "unpad" in (getattr(config, "mm_patch_merge_type", None) or ""):
+                self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def get_vision_tower(self):
+        tower = getattr(self, "vision_tower", None)
+        if isinstance(tower, list):
+            tower = tower[0]
+        return tower
+
+    def initialize_vision_modules(self, model_args, fsdp=None) -> None:
+        """Build (or reuse) the tower and projector for training; load a pretrained projector if given."""
+        config = self.config
+        config.mm_vision_tower = model_args.vision_tower
+        config.mm_vision_select_layer = model_args.mm_vision_select_layer
+        config.mm_vision_select_feature = getattr(model_args, "mm_vision_select_feature", "patch")
+        config.mm_patch_merge_type = getattr(model_args, "mm_patch_merge_type", "flat")
+        config.mm_projector_type = getattr(model_args, "mm_projector_type", "linear")
+        config.use_mm_proj = True
+        if self.get_vision_tower() is None or self.get_vision_tower().vision_tower_name != model_args.vision_tower:
+            tower = build_vision_tower(config, delay_load=True)
+            self.vision_tower = [tower] if fsdp else tower
+        tower = self.get_vision_tower()
+        tower.load_model()
+        config.mm_hidden_size = tower.hidden_size
+        if getattr(self, "mm_projector", None) is None:
+            self.mm_projector = build_vision_projector(config)
+        else:
+            for param in self.mm_projector.parameters():
+                param.requires_grad = True  # may have been frozen by LoRA
+        if "unpad" in config.mm_patch_merge_type and getattr(self, "image_newline", None) is None:
+            std = 1 / torch.sqrt(torch.tensor(config.hidden_size, dtype=torch.float32))
+            self.image_newline = nn.Parameter(torch.randn(config.hidden_size) * std)
+        adapter = getattr(model_args, "pretrain_mm_mlp_adapter", None)
+        if adapter:
+            weights = torch.load(adapter, map_location="cpu", weights_only=True)
+            prefix = "mm_projector."
+            state = {k.split(prefix, 1)[1]: v for k, v in weights.items() if prefix in k}
+            if not state:
+                raise ValueError(f"{adapter}: no 'mm_projector.*' weights found")
+            self.mm_projector.load_state_dict(state)
+
+
+class LlavaMetaForCausalLM:
+    """Mixin for the causal LM class: encoding images and merging them into the sequence."""
+
+    def get_model(self):
+        return self.model
+
+    def get_vision_tower(self):
+        return self.get_model().get_vision_tower()
+
+    # ---- pruning configuration -------------------------------------------------------------------------------
+    @property
+    def pruning_config(self) -> PruningConfig:
+        return PruningConfig.from_dict(getattr(self.config, "pruning", None), source="model config")
+
+    def set_pruning(self, pruning: PruningConfig | dict | None) -> PruningConfig:
+        """Change both stages' settings for later calls; stored in the config so it is saved with the model."""
+        pruning = PruningConfig.from_dict(pruning.to_dict() if isinstance(pruning, PruningConfig) else pruning)
+        self.config.pruning = pruning.to_dict()
+        tower = self.get_vision_tower()
+        if tower is not None:
+            tower.pruning = pruning
+        return pruning
+
+    # ---- images ----------------------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor, pruning: PruningConfig | None = None) -> ImageFeatures:
+        """[num_images, 3, H, W] -> projected, per-image kept features."""
+        out = self.get_vision_tower().select(images, pruning or self.pruning_config)
+        projected = self.get_model().mm_projector(out.features)
+        kept = out.kept.tolist()
+        return ImageFeatures(
+            features=[projected[i, : kept[i]] for i in range(len(kept))],
+            n=out.n.tolist(),
+            kept=kept,
+            inflection=out.inflection.tolist(),
+            extra=[{} for _ in kept],
+        )
+
+    def image_features(self, images, image_sizes=None, pruning: PruningConfig | None = None) -> ImageFeatures:
+        """Per-image features for a batch given as a tensor or a list of [3, H, W] tensors."""
+        if isinstance(images, (list, tuple)):
+            if any(image.ndim != 3 for image in images):
+                raise MultimodalInputError(
+                    "this model takes one [3, H, W] tensor per image; multi-crop (anyres) input needs a LLaVA-1.6 config"
+                )
+            images = torch.stack(list(images))
+        if images.ndim != 4:
+            raise MultimodalInputError(f"images must be [num_images, 3, H, W], got shape {tuple(images.shape)}")
+        return self.encode_images(images, pruning)
+
+    # ---- merge -----------------------------------------------------------------------------------------------
+    def merge_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        images,
+        image_sizes=None,
+        padding_side: str | None = None,
+        pruning: PruningConfig | None = None,
+    ) -> MergedInputs:
+        """Replace each IMAGE_TOKEN_INDEX by that image's kept features; re-pad the batch."""
+        batch = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        ids_per_sample = [input_ids[b][attention_mask[b]] for b in range(batch)]
+        labels_per_sample = [labels[b][attention_mask[b]] for b in range(batch)] if labels is not None else None
+        tags = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in ids_per_sample]
+
+        encoded = self.image_features(images, image_sizes, pruning) if images is not None else None
+        num_images = len(encoded.features) if encoded is not None else 0
+        consume_dummy = False
+        if sum(tags) != num_images:
+            # upstream's training collator gives text-only samples a dummy image that must be skipped
+            if num_images == batch and all(t <= 1 for t in tags):
+                consume_dummy = True
+            else:
+                per_sample = ", ".join(f"sample {b}: {t}" for b, t in enumerate(tags))
+                raise MultimodalInputError(
+                    f"the prompts contain {sum(tags)} <image> tags ({per_sample}) but {num_images} images were given"
+                )
+
+        embed = self.get_model().embed_tokens
+        max_len = getattr(self.config, "tokenizer_model_max_length", None)
+        sequences, seq_labels, stats = [], [], []
+        image_idx = 0
+        for b in range(batch):
+            ids = ids_per_sample[b]
+            lab = labels_per_sample[b] if labels_per_sample is not None else None
+            positions = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
+            text_embeds = embed(ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 0))
+            pieces, piece_labels = [], []
+            start = 0
+            sample_stats = {"visual_before": 0, "visual_after": 0, "inflection": []}
+            extra: dict[str, list] = {}
+            for pos in positions:
+                pieces.append(text_embeds[start:pos])
+                if lab is not None:
+                    piece_labels.append(lab[start:pos])
+                feats = encoded.features[image_idx]
+                pieces.append(feats.to(text_embeds.dtype))
+                if lab is not None:
+                    piece_labels.append(torch.full((feats.shape[0],), IGNORE_INDEX, dtype=lab.dtype, device=lab.device))
+                sample_stats["visual_before"] += encoded.n[image_idx]
+                sample_stats["visual_after"] += encoded.kept[image_idx]
+                sample_stats["inflection"].append(encoded.inflection[image_idx])
+                for key, value in encoded.extra[image_idx].items():
+                    extra.setdefault(key, []).extend(value if isinstance(value, list) else [value])
+                image_idx += 1
+                start = pos + 1
+            pieces.append(text_embeds[start:])
+            if lab is not None:
+                piece_labels.append(lab[start:])
+            if not positions and consume_dummy:
+                pieces.append(encoded.features[image_idx][:0].to(text_embeds.dtype))
+                image_idx += 1
+            seq = torch.cat(pieces)
+            seq_lab = torch.cat(piece_labels) if lab is not None else None
+            if max_len is not None and seq.shape[0] > max_len:
+                seq = seq[:max_len]
+                seq_lab = seq_lab[:max_len] if seq_lab is not None else None
+            inflection = sample_stats["inflection"]
+            sample_stats["inflection"] = inflection[0] if len(inflection) == 1 else (inflection or None)
+            sample_stats["prompt"] = int(seq.shape[0])
+            sample_stats.update(extra)
+            sequences.append(seq)
+            seq_labels.append(seq_lab)
+            stats.append(sample_stats)
+
+        side = padding_side or getattr(self.config, "tokenizer_padding_side", None) or "right"
+        return _pad_sequences(sequences, seq_labels if labels is not None else None, side, stats)
+
+    def prepare_inputs_labels_for_multimodal(
+        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
+    ):
+        """Upstream's 6-tuple interface: (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels)."""
+        if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
+            return input_ids, position_ids, attention_mask, past_key_values, None, labels
+        merged = self.merge_multimodal(input_ids, attention_mask, labels, images, image_sizes)
+        self._last_token_stats = merged.token_stats
+        return None, merged.position_ids, merged.attention_mask, past_key_values, merged.inputs_embeds, merged.labels
+
+
+def _pad_sequences(
+    sequences: list[torch.Tensor], labels: list[torch.Tensor] | None, side: str, stats: list[dict[str, Any]]
+) -> MergedInputs:
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    batch = len(sequences)
+    longest = max(seq.shape[0] for seq in sequences)
+    hidden = sequences[0].shape[1]
+    ref = sequences[0]
+    embeds = ref.new_zeros(batch, longest, hidden)
+    mask = torch.zeros(batch, longest, dtype=torch.long, device=ref.device)
+    positions = torch.zeros(batch, longest, dtype=torch.long, device=ref.device)
+    padded_labels = (
+        torch.full((batch, longest), IGNORE_INDEX, dtype=labels[0].dtype, device=ref.device) if labels else None
+    )
+    for b, seq in enumerate(sequences):
+        length = seq.shape[0]
+        span = slice(longest - length, longest) if side == "left" else slice(0, length)
+        embeds[b, span] = seq
+        mask[b, span] = 1
+        positions[b, span] = torch.arange(length, device=ref.device)
+        if padded_labels is not None:
+            padded_labels[b, span] = labels[b]
+    return MergedInputs(embeds, mask, positions, padded_labels, stats)
