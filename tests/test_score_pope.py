@@ -1,0 +1,128 @@
+"""POPE scorer on hand-made POPE label files and a LLaVA question file; counts and F1 computed by hand."""
+
+import json
+import random
+
+import pytest
+
+from eval import pope
+from eval.common import EvalInputError
+
+SUFFIX = "\nAnswer the question using a single word or phrase."
+# (question id, category, image, label); POPE's own label files number their lines from 1 in each file.
+QUESTIONS = [
+    (1, "adversarial", "a1.jpg", "yes"),
+    (2, "adversarial", "a2.jpg", "no"),
+    (3, "adversarial", "a3.jpg", "no"),
+    (4, "adversarial", "a4.jpg", "yes"),
+    (5, "random", "r1.jpg", "yes"),
+    (6, "random", "r2.jpg", "yes"),
+    (7, "random", "r3.jpg", "no"),
+    (8, "random", "r4.jpg", "yes"),
+]
+ANSWERS = {
+    1: "Yes, there is a dog.",  # TP
+    2: "No.",  # TN
+    3: "Yes",  # FP
+    4: "There is not a cat. Yes",  # first sentence says not: FN
+    5: "yes",  # TP
+    6: "Yes.",  # TP
+    # 7 (label no) has no answer: scored as a false alarm; 8 (label yes) is a runner error: a miss.
+}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    for category in ("adversarial", "random"):
+        lines = [
+            {"question_id": n, "image": image, "text": "Is there a dog in the image?", "label": label}
+            for n, (_, _, image, label) in enumerate([q for q in QUESTIONS if q[1] == category], 1)
+        ]
+        write_jsonl(coco / f"coco_pope_{category}.json", lines)
+    questions = [
+        {"question_id": qid, "image": image, "text": "Is there a dog in the image?" + SUFFIX, "category": category}
+        for qid, category, image, _ in QUESTIONS
+    ]
+    return coco, write_jsonl(tmp_path / "llava_pope_test.jsonl", questions)
+
+
+def write_answers(path, order=None, extra=()):
+    rows = [
+        {"question_id": qid, "prompt": "p", "text": text, "tokens": {"kv_final": qid}} for qid, text in ANSWERS.items()
+    ]
+    rows.append({"question_id": 8, "prompt": "p", "error": "image not found"})
+    if order is not None:
+        random.Random(order).shuffle(rows)
+    return write_jsonl(path, [*rows, *extra])
+
+
+def run(files, result_file):
+    coco, question_file = files
+    args = ["--annotation-dir", str(coco), "--question-file", str(question_file), "--result-file", str(result_file)]
+    return pope.main(args)
+
+
+@pytest.mark.parametrize("order", [None, 1, 2])
+def test_counts_and_f1_by_hand(files, tmp_path, order):
+    result = run(files, write_answers(tmp_path / "answers.jsonl", order))
+    adversarial, rand = result["metrics"]["adversarial"], result["metrics"]["random"]
+    assert [adversarial[k] for k in ("tp", "fp", "tn", "fn", "unanswered")] == [1, 1, 1, 1, 0]
+    assert [adversarial[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")] == pytest.approx(
+        [50.0, 50.0, 50.0, 50.0, 50.0]
+    )
+    assert [rand[k] for k in ("tp", "fp", "tn", "fn", "unanswered")] == [2, 1, 0, 1, 2]
+    # P = R = 2/3 -> F1 = 2/3; yes-ratio is over the 2 answered questions.
+    assert [rand[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")] == pytest.approx(
+        [50.0, 200 / 3, 200 / 3, 200 / 3, 100.0]
+    )
+    assert result["headline"] == pytest.approx((50 + 200 / 3) / 2)
+    assert result["count"] == 8
+    assert result["tokens"] == {"kv_final": pytest.approx(21 / 6)}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("Yes", "yes"), ("No", "no"), ("no, it is not.", "no"), ("Not sure", "yes"), ("I see it. It is not", "yes")],
+)
+def test_parse_follows_upstream(text, expected):
+    # Upstream only looks at whole words of the first sentence ("Not" capitalised is not in its list).
+    assert pope.parse_yes_no(text) == expected
+
+
+def test_label_lines_without_ids_pair_in_file_order(files, tmp_path):
+    coco, _ = files
+    for path in coco.iterdir():
+        lines = [
+            {k: v for k, v in json.loads(line).items() if k != "question_id"} for line in path.read_text().splitlines()
+        ]
+        write_jsonl(path, lines)
+    assert run(files, write_answers(tmp_path / "answers.jsonl"))["headline"] == pytest.approx((50 + 200 / 3) / 2)
+
+
+def test_misordered_label_file_is_an_error(files, tmp_path):
+    coco, _ = files
+    path = coco / "coco_pope_random.json"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    write_jsonl(path, [{**line, "question_id": 10 + n} for n, line in enumerate(lines[::-1])])
+    with pytest.raises(EvalInputError, match="question_id 5 is about 'r1.jpg' but its label line is about 'r4.jpg'"):
+        run(files, write_answers(tmp_path / "answers.jsonl"))
+
+
+def test_bad_inputs_are_named(files, tmp_path):
+    coco, _ = files
+    with pytest.raises(EvalInputError, match="99"):
+        run(files, write_answers(tmp_path / "a.jsonl", extra=[{"question_id": 99, "prompt": "p", "text": "yes"}]))
+    (coco / "coco_pope_random.json").rename(coco / "random.json")
+    with pytest.raises(EvalInputError, match="no coco_pope_<category>.json for \\['random'\\]"):
+        run(files, write_answers(tmp_path / "b.jsonl"))
+    (coco / "random.json").rename(coco / "coco_pope_random.json")
+    write_jsonl(coco / "coco_pope_adversarial.json", [{"question_id": 1, "image": "a1.jpg", "label": "maybe"}])
+    with pytest.raises(EvalInputError, match="coco_pope_adversarial.json: line 1: label must be 'yes' or 'no'"):
+        run(files, write_answers(tmp_path / "c.jsonl"))
