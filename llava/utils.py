@@ -1,0 +1,62 @@
+"""Small helpers shared by the command-line entry points."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+
+def quiet_transformers() -> None:
+    """Entry points print answers, not load reports (the CLIP text tower is always 'unexpected')."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def default_conv_mode(model_name: str, model_config) -> str:
+    """Upstream picked the template from the folder name; we look at the config first, then the name."""
+    model_type = getattr(model_config, "model_type", "")
+    name = (model_name or "").lower()
+    if model_type == "llava_mistral" or "mistral" in name:
+        return "mistral_instruct"
+    if "v1.6-34b" in name or "yi-34b" in name:
+        return "chatml_direct"
+    if "llama-2" in name or "llama2" in name:
+        return "llava_llama_2"
+    if "mpt" in name:
+        return "mpt"
+    return "llava_v1"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Upstream's model flags, plus device/dtype and an offline vision-tower override."""
+    parser.add_argument("--model-path", type=str, required=True, help="LLaVA checkpoint folder or hub id")
+    parser.add_argument("--model-base", type=str, default=None, help="base LLM for LoRA / projector-only folders")
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--use-flash-attn", action="store_true", help="flash-attention 2 (needs the [flash] extra)")
+    parser.add_argument("--vision-tower", type=str, default=None, help="local CLIP folder overriding mm_vision_tower")
+    return parser
+
+
+def load_from_args(args: argparse.Namespace, pruning_overrides: dict | None = None):
+    """load_pretrained_model from the flags of add_model_args (+ pruning flags)."""
+    from llava.mm_utils import get_model_name_from_path
+    from llava.model.builder import load_pretrained_model
+
+    return load_pretrained_model(
+        args.model_path,
+        args.model_base,
+        get_model_name_from_path(args.model_path),
+        load_8bit=args.load_8bit,
+        load_4bit=args.load_4bit,
+        device=args.device,
+        use_flash_attn=args.use_flash_attn,
+        vision_tower=args.vision_tower,
+        pruning=pruning_overrides or None,
+    )
