@@ -1,6 +1,6 @@
 """Answer one question about one or more images:
 
-    python -m llava.eval.run_llava --model-path liuhaotian/llava-v1.5-7b --image-file view.jpg --query "What is this?"
+python -m llava.eval.run_llava --model-path liuhaotian/llava-v1.5-7b --image-file view.jpg --query "What is this?"
 """
 
 from __future__ import annotations
