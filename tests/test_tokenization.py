@@ -5,8 +5,10 @@ the special tokens written in it, encode the first piece of a chunk with the mod
 pieces after a special token without it, BOS once, -200 between chunks.
 """
 
+import functools
 import json
 import pickle
+import random
 import re
 import shutil
 from pathlib import Path
@@ -85,12 +87,19 @@ PROMPTS = [
 ]
 
 
-def sentencepiece_reference(prompt: str, model_file: Path) -> list[int]:
+@functools.cache
+def processors(model_file: Path) -> tuple[spm.SentencePieceProcessor, spm.SentencePieceProcessor]:
+    """The model as shipped (dummy prefix on) and the same model with the dummy prefix off."""
     with_prefix = spm.SentencePieceProcessor(model_file=str(model_file))
     proto = sentencepiece_model_pb2.ModelProto.FromString(with_prefix.serialized_model_proto())
     proto.normalizer_spec.add_dummy_prefix = False
     without_prefix = spm.SentencePieceProcessor()
     without_prefix.LoadFromSerializedProto(proto.SerializeToString())
+    return with_prefix, without_prefix
+
+
+def sentencepiece_reference(prompt: str, model_file: Path) -> list[int]:
+    with_prefix, without_prefix = processors(model_file)
     ids = [SPECIAL_IDS["<s>"]]
     for index, chunk in enumerate(prompt.split("<image>")):
         if index:
@@ -129,6 +138,18 @@ def test_tokenizer_image_token_matches_sentencepiece(tokenizer_dir, prompt):
     assert tokenizer_image_token(prompt, tokenizer) == sentencepiece_reference(
         prompt, tokenizer_dir / "tokenizer.model"
     )
+
+
+def test_random_strings_match_sentencepiece(tokenizer_dir):
+    """Seeded mixtures of words, whitespace runs, special tokens, image tags, non-ASCII and a literal `▁`."""
+    atoms = ["cat", " ", "  ", "\n", "\t", "<image>", "</s>", "<s>", "<unk>", "USER:", " ASSISTANT:", "中文", "é",
+             "😀", "123", "3.14", "▁", "x", "<", "s>", "</", "  \n ", "\r\n", "...", "'s", "ñ"]  # fmt: skip
+    rng = random.Random(0)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = tokenizer_dir / "tokenizer.model"
+    for _ in range(300):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 12)))
+        assert tokenizer_image_token(text, tokenizer) == sentencepiece_reference(text, model), repr(text)
 
 
 def test_known_llama2_ids_around_the_image(llama2_dir):
@@ -261,3 +282,22 @@ def test_pickle_roundtrip(trained_dir):
     tokenizer = load_tokenizer(trained_dir)
     clone = pickle.loads(pickle.dumps(tokenizer))
     assert clone(PROMPTS[3]).input_ids == tokenizer(PROMPTS[3]).input_ids
+
+
+def test_upstream_round_length_arithmetic_holds_for_llama2(llama2_dir):
+    """preprocess_v1 masks by tokenising each `</s>`-separated round alone and subtracting one per later round
+    (legacy=False: alone, "USER" is "▁US" "ER"; after `</s>` it is the single piece "USER"). That sum must land
+    exactly on the whole conversation's length, or upstream masks the sample out with 'tokenization mismatch'.
+    The -1 is a fact of the Llama vocabulary, not of the tokenizer: a small trained vocabulary with a "▁USER"
+    piece breaks it, so training code must not rely on it for test tokenizers."""
+    tokenizer = load_tokenizer(llama2_dir)
+    conv = conv_templates["vicuna_v1"].copy()
+    for i, text in enumerate(["<image>\nWhat is it?", "A cat  sitting.", "Color? 中文", "Red 😀.", "And?", "No."]):
+        conv.append_message(conv.roles[i % 2], text)
+    prompt = conv.get_prompt()
+    total = 1  # BOS
+    for i, round_text in enumerate(prompt.split(conv.sep2)):
+        if not round_text:
+            break
+        total += len(tokenizer_image_token(round_text, tokenizer)) - (1 if i > 0 else 0)
+    assert total == len(tokenizer_image_token(prompt, tokenizer))
