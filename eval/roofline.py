@@ -29,7 +29,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-from eval.common import EvalInputError, read_json
+from eval.common import EvalInputError, format_table, read_json
 from eval.hardware import HARDWARE, Hardware, get_hardware
 
 # ---- bit widths ---------------------------------------------------------------------------------------------
@@ -377,15 +377,16 @@ def _result_workload(path: str, text_tokens: int | None) -> tuple[str, int, floa
     if not isinstance(tokens, dict):
         raise EvalInputError(f"{path}: no 'tokens' statistics (expected a scorer result JSON)")
     key = "prompt" if text_tokens is None else "visual_after"
-    value = tokens.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise EvalInputError(f"{path}: tokens.{key} must be a positive number, got {value!r}")
+    value = _number(tokens.get(key))
+    if value is None or value <= 0:
+        raise EvalInputError(f"{path}: tokens.{key} must be a positive number, got {tokens.get(key)!r}")
     prompt = _round_count(value + (text_tokens or 0))
-    kv_final = tokens.get("kv_final")
-    kv_final = kv_final if isinstance(kv_final, (int, float)) and not isinstance(kv_final, bool) else None
-    generated = tokens.get("generated")
-    generated = generated if isinstance(generated, (int, float)) and not isinstance(generated, bool) else 0.0
-    return Path(path).stem, prompt, kv_final, generated
+    return Path(path).stem, prompt, _number(tokens.get("kv_final")), _number(tokens.get("generated")) or 0.0
+
+
+def _number(value: Any) -> float | None:
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if finite else None
 
 
 def workloads(args: argparse.Namespace) -> list[Workload]:
@@ -434,7 +435,6 @@ def bit_settings(args: argparse.Namespace) -> list[Bits]:
 
 def row(workload: Workload, prefill: RooflineCost, decode: RooflineCost) -> dict[str, Any]:
     """Everything one printed row shows, in plain units (OPs, bytes, seconds)."""
-    fp16_ops = prefill.ops  # LLM-Viewer's OPs do not depend on bit width
     return {
         "label": workload.label,
         "model": prefill.model.name,
@@ -446,7 +446,7 @@ def row(workload: Workload, prefill: RooflineCost, decode: RooflineCost) -> dict
         "batch": prefill.batch,
         "tokens": prefill.tokens,
         "ops": prefill.ops,
-        "paper_flops_t": paper_flops_t(fp16_ops, prefill.bits),
+        "paper_flops_t": paper_flops_t(prefill.ops, prefill.bits),  # LLM-Viewer's OPs are the FP16 OPs
         "prefill_seconds": prefill.seconds,
         "memory_access_bytes": prefill.memory_access,
         "stored_activation_bytes": prefill.store_act,
@@ -478,10 +478,7 @@ COLUMNS = [
 
 def render(rows: list[dict[str, Any]]) -> str:
     """Markdown table in the paper's Table 6 units (T = 1e12 OPs, G = 1e9 B), LLM-Viewer's .1f rounding."""
-    header = [title for title, _ in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(r) for _, cell in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return format_table([title for title, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in rows])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from eval.common import format_table
+
 SPEC_DIR = Path(__file__).resolve().parent / "table_specs"
 TABLES = ("1", "2", "3", "4", "5", "7", "8")
 BENCHMARKS = ("pope", "textvqa", "mme", "sqa", "mmbench", "vqav2", "mmvet", "llavabench")
@@ -251,15 +253,15 @@ def render_markdown(spec: dict[str, Any], grid: list[Row], paper: bool = True) -
     for column in spec["columns"]:
         title = column["title"]
         header += [title, f"{title} (paper)", f"Δ {title}"] if paper else [title]
-    lines = [f"**Table {spec['table']}.** {spec['caption']}", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    body = []
     for row in grid:
         if row.cells is None:
-            lines.append(f"| **{row.label}** |" + " |" * (len(header) - 1))
+            body.append([f"**{row.label}**"] + [""] * (len(header) - 1))
             continue
-        texts = [t for cell, col in zip(row.cells, spec["columns"]) for t in cell_texts(spec, cell, col, paper)]
-        lines.append("| " + " | ".join([row.label, *texts]) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(
+            [row.label] + [t for c, col in zip(row.cells, spec["columns"]) for t in cell_texts(spec, c, col, paper)]
+        )
+    return f"**Table {spec['table']}.** {spec['caption']}\n\n{format_table(header, body)}\n"
 
 
 def render_csv(spec: dict[str, Any], grid: list[Row], paper: bool = True) -> str:
