@@ -1,0 +1,201 @@
+"""The attention side of stage 2: feed ``KVEvictionCache`` the few attention probabilities eviction needs.
+
+``enable_kv_eviction(model)`` leaves the model's attention backend in charge of every attention output. It renames
+the backend (``sdpa`` -> ``kv_eviction_sdpa``, ``flash_attention_2`` -> ``kv_eviction_flash_attention_2``) to a
+registered wrapper that calls the original, and adds a forward pre-hook to each attention module that hands the
+wrapper the ``past_key_values`` of the call. Without a ``KVEvictionCache`` the wrapper is a plain pass-through.
+With one, it additionally computes:
+
+* at prefill, the column sums of the softmax probabilities, chunked over queries (memory O(heads x chunk x P), never
+  a P x P matrix for all heads);
+* at each decode step, the single new row of probabilities;
+
+and, once a layer has evicted keys, replaces the model's mask by the cache's own slot mask (``[batch, 1, 1, slots]``
+for SDPA, ``[batch, slots]`` for flash-attention, whose varlen path then skips the empty slots).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from pruning.kv_cache import KVEvictionCache, KVEvictionLayer
+
+PREFIX = "kv_eviction_"
+SCORE_CHUNK_ELEMENTS = 1 << 24  # logits held at once while scoring the prompt (64 MiB in fp32)
+
+
+def prefill_column_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_valid: torch.Tensor,
+    scaling: float,
+    chunk_elements: int = SCORE_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """s_j = sum over real queries i >= j of softmax_i(j), summed over each KV head's query group.
+
+    query ``[batch, heads, P, dim]``, key ``[batch, kv_heads, P, dim]``, key_valid ``[batch, P]`` (pads False).
+    Returns ``[batch, kv_heads, P]`` in fp32; pads score 0 and pad queries add nothing.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, length, dim)
+    keys_t = key[:, :, None].transpose(-1, -2)  # [batch, kv_heads, 1, dim, P]
+    scores = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=query.device)
+    chunk = max(1, chunk_elements // max(1, batch * heads * length))
+    positions = torch.arange(length, device=query.device)
+    for start in range(0, length, chunk):
+        end = min(length, start + chunk)
+        logits = torch.matmul(grouped[:, :, :, start:end], keys_t[..., :end]).float() * scaling
+        allowed = positions[None, :end] <= positions[start:end, None]  # causal, [chunk, end]
+        allowed = allowed[None, None, None] & key_valid[:, None, None, None, :end]
+        probs = torch.softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
+        probs = probs.masked_fill(~key_valid[:, None, None, start:end, None], 0.0)  # pad rows are all-masked: NaN
+        scores[..., :end] += probs.sum(dim=(2, 3))
+    return scores
+
+
+def decode_row_probs(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The new query's softmax probabilities over the cached slots, summed over each KV head's query group.
+
+    query ``[batch, heads, 1, dim]``, key ``[batch, kv_heads, slots, dim]``, key_valid ``[batch, slots]``.
+    Returns ``[batch, kv_heads, slots]`` in fp32, 0 on empty slots.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    logits = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling
+    logits = logits.masked_fill(~key_valid[:, None, None, :], -math.inf)
+    return torch.softmax(logits, dim=-1).sum(dim=2)
+
+
+# ---- the registered wrapper -------------------------------------------------------------------------------
+def _make_wrapper(base_name: str) -> Callable[..., tuple[torch.Tensor, Any]]:
+    base = ALL_ATTENTION_FUNCTIONS[base_name]
+    flash = "flash" in base_name
+
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        # flash-attention picks its kernel from module.config._attn_implementation, which now names this wrapper
+        backend_module = _BackendView(module, base_name) if flash else module
+        cache = getattr(module, "_kv_eviction_cache", None)
+        if cache is None:
+            return base(backend_module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        layer: KVEvictionLayer = cache.layers[module.layer_idx]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if layer.awaiting == "prefill":
+            output = base(backend_module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+            layer.observe_prefill(prefill_column_scores(query, key, layer.key_valid, scale))
+            return output
+        if layer.packed:
+            attention_mask = None if layer.fully_occupied else _slot_mask(layer.key_valid, flash)
+        output = base(backend_module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        layer.observe_decode(decode_row_probs(query, key, layer.key_valid, scale))
+        return output
+
+    attention.__name__ = f"{PREFIX}{base_name}"
+    return attention
+
+
+def _slot_mask(valid: torch.Tensor, flash: bool) -> torch.Tensor:
+    return valid if flash else valid[:, None, None, :]
+
+
+class _BackendView:
+    """The attention module as the wrapped backend must see it: same module, config naming the original backend."""
+
+    def __init__(self, module: nn.Module, base_name: str):
+        self._module = module
+        self.config = _ConfigView(module.config, base_name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+class _ConfigView:
+    def __init__(self, config: Any, base_name: str):
+        self._config = config
+        self._attn_implementation = base_name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+# ---- installing -------------------------------------------------------------------------------------------
+def _bind_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values")
+    module._kv_eviction_cache = cache if isinstance(cache, KVEvictionCache) else None
+
+
+def _unbind_cache(module: nn.Module, args: tuple, output: Any) -> None:
+    module._kv_eviction_cache = None
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Llama-style self-attention: a layer index, GQA groups, a config, and q/k/v projections."""
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups") and hasattr(m, "k_proj")
+    ]
+
+
+def enable_kv_eviction(model: nn.Module) -> nn.Module:
+    """Make ``model.generate(..., past_key_values=KVEvictionCache(...))`` evict keys; idempotent.
+
+    The model keeps its attention backend (SDPA or flash-attention) and behaves exactly as before with any other
+    cache. Only the configs of the attention modules found are switched, so e.g. a vision tower sharing the model
+    is untouched.
+    """
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(
+            f"enable_kv_eviction: no Llama-style attention modules (layer_idx, num_key_value_groups, k_proj) found in "
+            f"{type(model).__name__}"
+        )
+    configs = {id(m.config): m.config for m in modules}
+    for config in configs.values():
+        _switch_backend(config)
+    for module in modules:
+        if not getattr(module, "_kv_eviction_hooked", False):
+            module.register_forward_pre_hook(_bind_cache, with_kwargs=True)
+            module.register_forward_hook(_unbind_cache, always_call=True)
+            module._kv_eviction_cache = None
+            module._kv_eviction_hooked = True
+    return model
+
+
+def _switch_backend(config: Any) -> None:
+    current = config._attn_implementation
+    if current is not None and current.startswith(PREFIX):
+        return
+    if getattr(config, "sliding_window", None) is not None or any(
+        kind != "full_attention" for kind in getattr(config, "layer_types", None) or []
+    ):
+        raise ValueError(
+            "enable_kv_eviction: sliding-window attention is not supported with KV eviction "
+            f"(config.sliding_window={getattr(config, 'sliding_window', None)!r}); set it to None"
+        )
+    if current != "sdpa" and not (current or "").startswith("flash_attention"):
+        raise ValueError(
+            f"enable_kv_eviction: attention implementation {current!r} is not supported; KV eviction wraps 'sdpa' or "
+            "'flash_attention_*' (load the model with attn_implementation='sdpa')"
+        )
+    name = PREFIX + current
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_wrapper(current))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    config._attn_implementation = name
