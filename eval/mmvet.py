@@ -33,7 +33,9 @@ from eval.judge import Judge, JudgeError, add_judge_args, default_cache_path, ju
 
 CAPABILITIES = ("rec", "ocr", "know", "gen", "spat", "math")
 PROMPT_FILE = Path(__file__).resolve().parent / "rules" / "mmvet.json"
-_SCORE = re.compile(r"^(?:correctness(?:\s+score)?\s*[:=]?\s*)?(\d+(?:\.\d*)?|\.\d+)(?=\s|[.,;]|$)", re.IGNORECASE)
+_SCORE = re.compile(
+    r"^(?:correctness(?:\s+score)?\s*[:=]?\s*)?(\d+(?:\.\d+)?|\.\d+)(?=$|\s|[,;]|\.(?!\d))", re.IGNORECASE
+)
 
 
 def mmvet_key(question_id: Any) -> str:
