@@ -35,7 +35,8 @@ class LlavaLlamaTokenizer(SentencePieceBackend):
     """Slow-LlamaTokenizer semantics over the checkpoint's sentencepiece model.
 
     With `legacy=False` a chunk of text gets one dummy-prefix space at its start (as sentencepiece itself adds),
-    and text that follows a special token gets none: `"</s>USER"` is `[</s>, US, ER]`, not `[</s>, ▁USER]`.
+    and text that follows a special token gets none: with Llama-2, `"</s>USER"` is `[</s>, USER]`, not
+    `[</s>, ▁US, ER]`.
     `legacy=True` (what upstream did when a config had no `legacy` key) encodes every piece with a dummy prefix.
     """
 
@@ -118,6 +119,8 @@ class LlavaLlamaTokenizer(SentencePieceBackend):
         files = super().save_pretrained(save_directory, *args, **kwargs)
         config_path = Path(save_directory) / TOKENIZER_CONFIG
         config = json.loads(config_path.read_text(encoding="utf-8"))
+        for load_time_only in ("backend", "is_local", "local_files_only"):
+            config.pop(load_time_only, None)
         config.update(
             tokenizer_class="LlamaTokenizer",
             add_bos_token=self.add_bos_token,

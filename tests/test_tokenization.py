@@ -271,7 +271,7 @@ def test_save_pretrained_keeps_released_layout_and_ids(tmp_path, trained_dir):
     tokenizer.save_pretrained(tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "LlamaTokenizer" and config["legacy"] is False
-    assert config["add_bos_token"] is True
+    assert config["add_bos_token"] is True and "local_files_only" not in config
     reloaded = load_tokenizer(tmp_path / "saved")
     prompt = PROMPTS[4]
     assert tokenizer_image_token(prompt, reloaded) == tokenizer_image_token(prompt, tokenizer)
