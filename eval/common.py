@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Container, Iterable
+import sys
+from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,12 @@ def id_list(ids: Iterable[Any], limit: int = 10) -> str:
     ids = list(ids)
     shown = ", ".join(repr(key) for key in ids[:limit])
     return shown + (f" ... (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Entry point of a scorer module: bad input ends with its one-line message and exit status 2, no traceback."""
+    try:
+        main()
+    except EvalInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

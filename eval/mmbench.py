@@ -43,6 +43,7 @@ from eval.common import (
     id_list,
     ratio,
     read_jsonl,
+    run_cli,
     token_means,
     write_result,
 )
@@ -287,4 +288,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,7 +24,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from eval.common import EvalInputError, answer_text, format_table, id_list, ratio, read_jsonl, token_means, write_result
+from eval.common import (
+    EvalInputError,
+    answer_text,
+    format_table,
+    id_list,
+    ratio,
+    read_jsonl,
+    run_cli,
+    token_means,
+    write_result,
+)
 
 PERCEPTION = (
     "existence",
@@ -193,4 +203,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -30,6 +30,7 @@ from eval.common import (
     ratio,
     read_json,
     read_jsonl,
+    run_cli,
     token_means,
     write_result,
 )
@@ -203,4 +204,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -32,6 +32,7 @@ from eval.common import (
     ratio,
     read_json,
     read_jsonl,
+    run_cli,
     token_means,
     write_result,
 )
@@ -185,4 +186,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

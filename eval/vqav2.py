@@ -35,6 +35,7 @@ from eval.common import (
     ratio,
     read_json,
     read_jsonl,
+    run_cli,
     token_means,
     write_result,
 )
@@ -170,4 +171,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,6 +1,9 @@
 """ScienceQA scorer on a hand-made problems.json: parsing, IMG accuracy, the official breakdown, bad input."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +157,11 @@ def test_bad_problems_file_and_split_are_named(base_dir, tmp_path):
     (base_dir / "problems.json").write_text(json.dumps(broken))
     with pytest.raises(EvalInputError, match="problem '3'.*'answer' 5"):
         sqa.main(["--base-dir", str(base_dir), "--result-file", str(answers)])
+
+
+def test_command_line_reports_bad_input_without_traceback(base_dir, tmp_path):
+    missing = tmp_path / "nowhere.jsonl"
+    args = [sys.executable, "-m", "eval.sqa", "--base-dir", str(base_dir), "--result-file", str(missing)]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: file not found: {missing}"
