@@ -34,13 +34,13 @@ def tokenizer_image_token(
     """
     chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
     bos = tokenizer.bos_token_id
-    ids: list[int] = []
-    if chunks[0] and bos is not None and chunks[0][0] == bos:
-        ids.append(bos)
+    # When the tokenizer adds BOS, every chunk starts with it: keep the first one, drop it from every chunk.
+    adds_bos = bool(chunks[0]) and bos is not None and chunks[0][0] == bos
+    ids: list[int] = [bos] if adds_bos else []
     for index, chunk in enumerate(chunks):
         if index > 0:
             ids.append(image_token_index)
-        ids.extend(chunk[1:] if chunk and bos is not None and chunk[0] == bos else chunk)
+        ids.extend(chunk[1:] if adds_bos else chunk)
     if return_tensors is None:
         return ids
     if return_tensors == "pt":

@@ -301,3 +301,10 @@ def test_upstream_round_length_arithmetic_holds_for_llama2(llama2_dir):
             break
         total += len(tokenizer_image_token(round_text, tokenizer)) - (1 if i > 0 else 0)
     assert total == len(tokenizer_image_token(prompt, tokenizer))
+
+
+def test_tokenizer_without_bos_gets_no_bos(trained_dir):
+    tokenizer = LlavaLlamaTokenizer.from_pretrained(str(trained_dir), add_bos_token=False)
+    prompt = "USER: <image>\nWhat? ASSISTANT:"
+    with_bos = tokenizer_image_token(prompt, load_tokenizer(trained_dir))
+    assert tokenizer_image_token(prompt, tokenizer) == with_bos[1:]
