@@ -81,7 +81,7 @@ def build_content(context: str, question: str, reference: str, answer: str, role
 
 
 def parse_scores(reply: str) -> list[float] | None:
-    """The two scores on the reply's first line ("8 7" or "8, 7"), or None."""
+    """The two scores on the reply's first non-empty line ("8 7" or "8, 7"), or None."""
     first = reply.strip().split("\n", 1)[0] if reply.strip() else ""
     parts = first.replace(",", " ").split()
     if len(parts) != 2:
@@ -122,9 +122,20 @@ def review(
     temperature: float = 0.2,
     max_tokens: int = 1024,
 ) -> dict[str, dict[str, Any]]:
-    """Review every question not yet in ``output`` (appending one line each) and return all reviews."""
+    """Review every question not yet in ``output`` (appending one line each) and return all reviews.
+
+    Inputs are validated for every question before the first judge call, so a bad file costs nothing.
+    """
     output = Path(output)
     done = load_reviews(output, {qid(q["question_id"]) for q in questions})
+    for q in questions:
+        key = qid(q["question_id"])
+        if f"llava_bench_{q.get('category')}" not in rules:
+            raise EvalInputError(f"question_id {key}: no rule for category {q.get('category')!r} (have {CATEGORIES})")
+        if key not in references:
+            raise EvalInputError(f"question_id {key}: no reference (GPT-4) answer")
+        if q.get("image") not in contexts:
+            raise EvalInputError(f"question_id {key}: no context caption for image {q.get('image')!r}")
     output.parent.mkdir(parents=True, exist_ok=True)
     for index, q in enumerate(questions):
         key = qid(q["question_id"])
@@ -132,13 +143,9 @@ def review(
         usable = answer is not None and not answer.get("error")
         if key in done and (not done[key].get("error") or not usable):
             continue
-        category = q.get("category")
-        rule = rules.get(f"llava_bench_{category}")
-        if rule is None:
-            raise EvalInputError(f"question_id {key}: no rule for category {category!r} (expected {CATEGORIES})")
-        reference = references.get(key)
-        if reference is None:
-            raise EvalInputError(f"question_id {key}: no reference (GPT-4) answer")
+        category = q["category"]
+        rule = rules[f"llava_bench_{category}"]
+        reference = references[key]
         line: dict[str, Any] = {
             "id": index,
             "question_id": q["question_id"],
@@ -149,8 +156,6 @@ def review(
         if not usable:
             line.update(tuple=[None, 0.0], error="no answer" if answer is None else f"answer failed: {answer['error']}")
         else:
-            if q.get("image") not in contexts:
-                raise EvalInputError(f"question_id {key}: no context caption for image {q.get('image')!r}")
             content = build_content(
                 contexts[q["image"]], q["text"], reference["text"], answer["text"], rule["role"], rule["prompt"]
             )
