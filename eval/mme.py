@@ -112,9 +112,10 @@ def match_answers(
     keys = [(q["category"], q["image"], q["question"]) for q in questions]
     if len(set(keys)) != len(keys):
         raise EvalInputError(f"--mme-dir: a question appears twice for the same image: {id_list(keys)}")
+    known = set(keys)
     answers: dict[tuple[str, str, str], dict[str, Any]] = {}
     for row in rows:
-        key = answer_key(row, set(keys), source)
+        key = answer_key(row, known, source)
         if key in answers:
             raise EvalInputError(f"{source}: answer {row['question_id']!r} question {key[2]!r} answered twice")
         answers[key] = row
