@@ -91,7 +91,7 @@ def write_result(
     path: str | Path | None,
     benchmark: str,
     metrics: dict[str, Any],
-    headline: float,
+    headline: float | None,
     count: int,
     tokens: dict[str, float],
     **extra: Any,
