@@ -1,0 +1,169 @@
+"""Speed and memory of the KV-eviction cache against a plain DynamicCache, as ratios measured in one run.
+
+    python -m eval.bench_kv                       # Vicuna-7B layer geometry, 2 layers, fp32 on CPU (a few minutes)
+    python -m eval.bench_kv --layers 4 --prompt 2048 --generated 1024 4096
+
+The model has Vicuna-7B's layer geometry (hidden 4096, 32 heads, MLP 11008) with random weights and a small vocabulary;
+only the relative figures are meaningful. Reported:
+
+* prefill overhead: one forward over a P-token prompt with the eviction cache (score accumulation, plus top-k
+  eviction when the budget is below P) against the same forward with a DynamicCache;
+* decode per token: the capped cache at its steady state (budget + 1 slots, one eviction per step) against a plain
+  cache holding P + G tokens (what it replaces after G generated tokens) and a plain cache of the same length as
+  the capped one (the eviction overhead, target <= +10 %). A capped layer's work does not depend on G, so it is
+  measured once right after the prompt; the plain caches are filled with random keys of the stated length
+  (attention cost does not depend on the values);
+* KV memory: bytes held by each cache (the capped one counts its scores, positions and slot mask too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from pruning.config import PruningConfig
+from pruning.h2o import enable_kv_eviction
+from pruning.kv_cache import KVEvictionCache
+
+
+def build_model(layers: int, vocab: int, max_positions: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        max_position_embeddings=max_positions,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return enable_kv_eviction(LlamaForCausalLM(config).eval())
+
+
+def cache_bytes(cache: DynamicCache | KVEvictionCache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "scores", "positions", "valid"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def filled_plain_cache(model: LlamaForCausalLM, length: int) -> DynamicCache:
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    cache = DynamicCache(config=config)
+    for layer in range(config.num_hidden_layers):
+        keys = torch.randn(1, config.num_key_value_heads, length, head_dim)
+        cache.update(keys, torch.randn_like(keys), layer)
+    return cache
+
+
+def timed(step: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def prefill(model: LlamaForCausalLM, prompt: torch.Tensor, cache) -> float:
+    return timed(lambda: model(input_ids=prompt, past_key_values=cache, use_cache=True))
+
+
+@torch.inference_mode()
+def decode_steps(model: LlamaForCausalLM, cache, steps: int) -> list[float]:
+    token = torch.tensor([[7]])
+    return [timed(lambda: model(input_ids=token, past_key_values=cache, use_cache=True)) for _ in range(steps)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (Vicuna-7B has 32)")
+    parser.add_argument("--prompt", type=int, default=1024, help="prompt length P")
+    parser.add_argument("--generated", type=int, nargs="+", default=[1024, 4096], help="generated lengths G")
+    parser.add_argument("--heavy-ratio", type=float, default=0.5)
+    parser.add_argument("--recent-ratio", type=float, default=0.5)
+    parser.add_argument("--prefill-evict-ratio", type=float, default=0.1, help="also time a prefill that evicts")
+    parser.add_argument("--steps", type=int, default=8, help="timed decode steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    for name in ("layers", "prompt", "steps", "repeats", "vocab"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if min(args.generated) < 1:
+        parser.error("--generated lengths must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = build_model(args.layers, args.vocab, args.prompt + max(args.generated) + args.steps + 8)
+    prompt = torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    paper = PruningConfig(kv_pruning="h2o", heavy_ratio=args.heavy_ratio, recent_ratio=args.recent_ratio)
+    evicting = PruningConfig(
+        kv_pruning="h2o", heavy_ratio=args.prefill_evict_ratio, recent_ratio=args.prefill_evict_ratio
+    )
+    print(
+        f"# bench_kv: {args.layers} layers of Vicuna-7B geometry, fp32, {torch.get_num_threads()} threads, "
+        f"P={args.prompt}, heavy/recent={args.heavy_ratio}/{args.recent_ratio}"
+    )
+
+    # -- prefill, interleaved so that drift and other processes hit every variant alike
+    variants = {
+        "plain": lambda: DynamicCache(config=model.config),
+        f"h2o {args.heavy_ratio}/{args.recent_ratio}": lambda: KVEvictionCache(paper, None),
+        f"h2o {args.prefill_evict_ratio}/{args.prefill_evict_ratio} (evicts)": lambda: KVEvictionCache(evicting, None),
+    }
+    prefill(model, prompt, DynamicCache(config=model.config))  # warm-up
+    prefill_runs: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, make in variants.items():
+            prefill_runs[name].append(prefill(model, prompt, make()))
+    plain = prefill_runs["plain"]
+    for name, values in prefill_runs.items():
+        print(f"prefill {name:<28} {_times(values)}   overhead vs plain {_ratios(values, plain, -1)}")
+
+    # -- decode: capped steady state vs plain caches of the same and of the full length, one step of each in turn
+    capped = KVEvictionCache(paper, None)
+    prefill(model, prompt, capped)
+    decode_steps(model, capped, 2)  # the first eviction (packing the layout) happens here, not in the timed steps
+    same = f"plain, {capped.layers[0].keys.shape[-2] - 1} tokens (same)"
+    caches = {"capped": capped, same: filled_plain_cache(model, capped.layers[0].keys.shape[-2] - 1)}
+    full = {g: f"plain, P+G = {args.prompt + g} tokens" for g in args.generated}
+    for g, name in full.items():
+        caches[name] = filled_plain_cache(model, args.prompt + g)
+    runs: dict[str, list[float]] = {name: [] for name in caches}
+    for _ in range(args.steps * args.repeats):
+        for name, cache in caches.items():
+            runs[name] += decode_steps(model, cache, 1)
+    slots = capped.layers[0].keys.shape[-2]
+    print(f"decode: the capped cache holds {capped.kv_lengths()[0]} keys per head in {slots} slots")
+    for name, cache in caches.items():
+        print(f"decode {name:<32} {_times(runs[name])}   KV {cache_bytes(cache) / 2**20:8.1f} MiB")
+    print(f"decode capped vs plain of the same length: time {_ratios(runs['capped'], runs[same], 1)}")
+    for g, name in full.items():
+        memory = cache_bytes(capped) / cache_bytes(caches[name])
+        print(f"G={g}: capped vs plain of P+G: time {_ratios(runs['capped'], runs[name], 1)}, KV memory x{memory:.3f}")
+
+
+def _times(values: list[float]) -> str:
+    return f"best {min(values) * 1e3:8.1f} ms  median {statistics.median(values) * 1e3:8.1f} ms"
+
+
+def _ratios(values: list[float], base: list[float], offset: int) -> str:
+    """Ratio of best times (robust to other processes on the machine) and of medians; offset -1 prints +x %."""
+    best, median = min(values) / min(base), statistics.median(values) / statistics.median(base)
+    if offset == -1:
+        return f"{best - 1:+.1%} (medians {median - 1:+.1%})"
+    return f"x{best:.3f} (medians x{median:.3f})"
+
+
+if __name__ == "__main__":
+    main()
