@@ -1,0 +1,380 @@
+"""The one runner core behind every benchmark runner (model_vqa_loader, model_vqa_science, model_vqa_mmbench, model_vqa).
+
+A benchmark module only describes its format: how to read its question file into ``Sample``s (question text,
+image, the answer fields it adds) and its default generation settings. Everything else lives here, once:
+
+- chunking: ``--num-chunks N --chunk-idx i`` takes the i-th of N contiguous slices (upstream's split), so the chunk
+  files concatenated in index order are exactly the answers of one run;
+- resuming: answers already in ``--answers-file`` are skipped; a last line cut short by a crash is removed first, so
+  a killed run restarted with the same command ends with every question answered exactly once;
+- batching: ``--batch-size`` samples per ``generate`` call, left-padded (same greedy answers as batch size 1);
+- writing: one JSON line per answer, written and flushed as soon as its batch is done, with upstream's fields
+  (``question_id``, ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``) plus ``tokens``, the
+  per-sample token statistics;
+- bad input (a missing or unreadable image, a corrupt row) stops the run with the question id and the file, unless
+  ``--skip-errors``, which writes the answer line with ``text: ""`` and ``error: <message>`` so scorers count it
+  wrong instead of dropping it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import shortuuid
+from PIL import Image
+from tqdm import tqdm
+
+from llava.mm_utils import load_image
+
+ImageSource = Path | Callable[[], Image.Image] | None
+# Generates answers for a batch: (question texts, images) -> (answer text, token statistics) per sample.
+GenerateFn = Callable[[list["Sample"], list[Image.Image | None]], list[tuple[str, dict[str, Any]]]]
+
+
+class RunnerInputError(ValueError):
+    """Bad benchmark input or a bad answers file; the message names the question id and the file."""
+
+
+@dataclass
+class Sample:
+    """One generation request. ``text`` is the user turn before the template (the runner places ``<image>``)."""
+
+    question_id: Any
+    text: str
+    source: str  # the question file (and row), for error messages
+    image: ImageSource = None
+    fields: dict[str, Any] = field(default_factory=dict)  # answer-line fields besides text / ids / tokens
+    error: str | None = None  # a row that could not be parsed: raised (or recorded) when its turn comes
+
+    @property
+    def round_id(self) -> Any:
+        return self.fields.get("round_id")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies an answer for resuming: the id (as text) and the MMBench round."""
+        return answer_key({"question_id": self.question_id, "round_id": self.round_id})
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A question format: a reader plus upstream's defaults for its runner."""
+
+    name: str
+    read: Callable[[argparse.Namespace], list[Sample]]
+    temperature: float = 0.2
+    max_new_tokens: int = 128
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None
+    plain_mmtag: bool = False  # upstream's loader and MMBench runner switch 'plain' models to the _mmtag template
+
+
+def answer_key(row: dict[str, Any]) -> tuple[str, str]:
+    round_id = row.get("round_id")
+    return str(row.get("question_id")), "" if round_id is None else str(round_id)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+
+def build_parser(benchmark: Benchmark, description: str | None = None) -> argparse.ArgumentParser:
+    """Upstream's runner flags (underscore spellings kept, dashed ones accepted), plus chunk/batch/resume/pruning."""
+    from llava.utils import add_model_args
+    from pruning import add_pruning_args
+
+    parser = argparse.ArgumentParser(
+        prog=f"python -m llava.eval.{benchmark.name}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(parser)
+    parser.add_argument("--question-file", type=str, required=True)
+    parser.add_argument("--image-folder", type=str, default="")
+    parser.add_argument("--answers-file", type=str, default="answer.jsonl")
+    parser.add_argument("--conv-mode", type=str, default=None, help="default: chosen from the checkpoint")
+    parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many slices")
+    parser.add_argument("--chunk-idx", type=int, default=0, help="which slice this process answers (0-based)")
+    parser.add_argument("--temperature", type=float, default=benchmark.temperature)
+    parser.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
+    parser.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1)
+    parser.add_argument(
+        "--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=benchmark.max_new_tokens
+    )
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (only matters with --temperature > 0)")
+    parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call (left-padded)")
+    parser.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="record unreadable images / corrupt rows as failed answers (scored wrong) instead of stopping",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="start the answers file afresh instead of resuming")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if benchmark.add_args is not None:
+        benchmark.add_args(parser)
+    add_pruning_args(parser)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.num_chunks < 1:
+        raise RunnerInputError(f"--num-chunks must be >= 1, got {args.num_chunks}")
+    if not 0 <= args.chunk_idx < args.num_chunks:
+        raise RunnerInputError(f"--chunk-idx must be in [0, {args.num_chunks - 1}], got {args.chunk_idx}")
+    if args.batch_size < 1:
+        raise RunnerInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise RunnerInputError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if not Path(args.question_file).is_file():
+        raise RunnerInputError(f"--question-file not found: {args.question_file}")
+
+
+# ---- chunking and resuming ------------------------------------------------------------------------------------
+
+
+def get_chunk(items: Sequence[Any], num_chunks: int, chunk_idx: int) -> list[Any]:
+    """The chunk_idx-th of num_chunks contiguous slices of ceil(len/num_chunks) items (upstream's split_list)."""
+    size = math.ceil(len(items) / num_chunks) if items else 0
+    return list(items[chunk_idx * size : (chunk_idx + 1) * size])
+
+
+def read_answered(path: Path) -> Counter:
+    """How many answers the file already holds per key, after cutting off a last line left unfinished by a crash.
+
+    Lines are written whole and newline-terminated, so only the last line can be cut short; a bad line anywhere
+    else means the file is not ours (or was edited) and is an error, never silently skipped.
+    """
+    done: Counter = Counter()
+    if not path.exists():
+        return done
+    data = path.read_bytes()
+    complete_end = data.rfind(b"\n") + 1
+    if complete_end < len(data):
+        print(
+            f"{path}: removing an unfinished last line ({len(data) - complete_end} bytes) left by an interrupted run",
+            file=sys.stderr,
+        )
+        with path.open("r+b") as handle:
+            handle.truncate(complete_end)
+    for number, line in enumerate(data[:complete_end].decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunnerInputError(
+                f"{path}:{number}: not valid JSON ({err.msg}); only the last line of an answers file can be cut "
+                "short by a crash, so this file was edited or is not an answers file: fix it, delete it, or pass "
+                "--overwrite"
+            ) from None
+        if not isinstance(row, dict) or "question_id" not in row:
+            raise RunnerInputError(f"{path}:{number}: not an answer line (no question_id)")
+        done[answer_key(row)] += 1
+    return done
+
+
+def pending_samples(samples: Sequence[Sample], done: Counter, answers_file: Path) -> list[Sample]:
+    """The samples still to answer. Repeated ids (MME asks two questions per image id) are matched in order."""
+    seen: Counter = Counter()
+    pending = []
+    for sample in samples:
+        key = sample.key
+        if seen[key] < done[key]:
+            seen[key] += 1
+        else:
+            pending.append(sample)
+    extra = done - seen
+    if extra:
+        example = ", ".join(f"{qid!r}" + (f" round {rnd}" if rnd else "") for qid, rnd in list(extra)[:5])
+        raise RunnerInputError(
+            f"{answers_file} holds {sum(extra.values())} answer(s) to questions that are not in this chunk of the "
+            f"question file (e.g. question_id {example}): it belongs to another question file or chunking; "
+            "use another --answers-file or pass --overwrite"
+        )
+    return pending
+
+
+def check_images_exist(samples: Sequence[Sample]) -> None:
+    """Fail before the model loads, not hours into a run, when image files are missing."""
+    missing = [s for s in samples if isinstance(s.image, Path) and not s.image.is_file()]
+    if missing:
+        shown = "; ".join(f"question_id {s.question_id!r}: {s.image}" for s in missing[:5])
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise RunnerInputError(
+            f"{len(missing)} image file(s) not found, e.g. {shown}{more}; check --image-folder, or pass "
+            "--skip-errors to record them as failed answers"
+        )
+
+
+# ---- the loop -------------------------------------------------------------------------------------------------
+
+
+def load_sample_image(sample: Sample) -> Image.Image | None:
+    """The sample's image; any problem with it (or with its row) becomes a RunnerInputError naming id and file."""
+    if sample.error is not None:
+        raise RunnerInputError(f"question_id {sample.question_id!r} ({sample.source}): {sample.error}")
+    if sample.image is None:
+        return None
+    try:
+        return load_image(sample.image) if isinstance(sample.image, Path) else sample.image()
+    except (OSError, ValueError) as err:
+        raise RunnerInputError(f"question_id {sample.question_id!r} ({sample.source}): {err}") from err
+
+
+def answer_line(sample: Sample, text: str, tokens: dict[str, Any], model_id: str, error: str | None = None) -> dict:
+    row = {"question_id": sample.question_id, **sample.fields, "text": text}
+    row.update({"answer_id": shortuuid.uuid(), "model_id": model_id, "metadata": {}, "tokens": tokens})
+    if error is not None:
+        row["error"] = error
+    return row
+
+
+def run(
+    samples: Sequence[Sample],
+    answers_file: str | Path,
+    generate: GenerateFn,
+    model_id: str,
+    batch_size: int = 1,
+    skip_errors: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    desc: str = "answering",
+) -> int:
+    """Answer every sample not yet in ``answers_file``; returns how many lines were written."""
+    answers_file = Path(answers_file)
+    answers_file.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite and answers_file.exists():
+        answers_file.unlink()
+    pending = pending_samples(samples, read_answered(answers_file), answers_file)
+    written = 0
+    bar = tqdm(
+        total=len(samples),
+        initial=len(samples) - len(pending),
+        desc=desc,
+        unit="q",
+        disable=not progress or None,
+        dynamic_ncols=True,
+    )
+    generated_tokens, start = 0, time.perf_counter()
+    with answers_file.open("a", encoding="utf-8") as out, bar:
+        for begin in range(0, len(pending), batch_size):
+            batch = pending[begin : begin + batch_size]
+            images: list[Image.Image | None] = []
+            errors: list[str | None] = []
+            for sample in batch:
+                try:
+                    images.append(load_sample_image(sample))
+                    errors.append(None)
+                except RunnerInputError as err:
+                    if not skip_errors:
+                        raise
+                    images.append(None)
+                    errors.append(str(err))
+            good = [i for i, error in enumerate(errors) if error is None]
+            results = generate([batch[i] for i in good], [images[i] for i in good]) if good else []
+            by_index = dict(zip(good, results, strict=True))
+            for index, sample in enumerate(batch):
+                if errors[index] is not None:
+                    row = answer_line(sample, "", {}, model_id, error=errors[index])
+                else:
+                    text, tokens = by_index[index]
+                    generated_tokens += int(tokens.get("generated", 0) or 0)
+                    row = answer_line(sample, text, tokens, model_id)
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.flush()
+                written += 1
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{generated_tokens / max(time.perf_counter() - start, 1e-9):.1f} gen tok/s")
+    return written
+
+
+# ---- model side -----------------------------------------------------------------------------------------------
+
+
+def resolve_conv_mode(args: argparse.Namespace, benchmark: Benchmark, model_name: str, model_config) -> str:
+    from llava.utils import default_conv_mode
+
+    conv_mode = args.conv_mode or default_conv_mode(model_name, model_config)
+    if benchmark.plain_mmtag and "plain" in model_name and "finetune" not in model_name.lower():
+        if "mmtag" not in conv_mode:
+            conv_mode += "_mmtag"
+    return conv_mode
+
+
+def model_generate_fn(args: argparse.Namespace, conv_mode: str, tokenizer, model, image_processor) -> GenerateFn:
+    from llava.inference import build_prompt, generate_answers
+
+    def generate(batch: list[Sample], images: list[Image.Image | None]) -> list[tuple[str, dict[str, Any]]]:
+        prompts = [
+            build_prompt(s.text, conv_mode, num_images=int(image is not None), model_config=model.config)
+            for s, image in zip(batch, images)
+        ]
+        answers = generate_answers(
+            model,
+            tokenizer,
+            image_processor,
+            prompts,
+            images,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+        return [(answer.text, answer.token_stats) for answer in answers]
+
+    return generate
+
+
+def run_benchmark(benchmark: Benchmark, argv: list[str] | None = None, description: str | None = None) -> int:
+    """Parse the flags, read and chunk the questions, load the model only if something is left to answer, run."""
+    from llava.mm_utils import get_model_name_from_path
+    from llava.utils import load_from_args, quiet_transformers
+    from pruning import pruning_overrides
+
+    args = build_parser(benchmark, description).parse_args(argv)
+    try:
+        check_args(args)
+        samples = get_chunk(benchmark.read(args), args.num_chunks, args.chunk_idx)
+        answers_file = Path(args.answers_file)
+        if args.overwrite and answers_file.exists():
+            answers_file.unlink()
+        pending = pending_samples(samples, read_answered(answers_file), answers_file)
+        if not args.skip_errors:
+            check_images_exist(pending)
+    except RunnerInputError as err:
+        raise SystemExit(f"error: {err}") from None
+    desc = f"{benchmark.name} chunk {args.chunk_idx + 1}/{args.num_chunks}"
+    if not pending:
+        print(f"{desc}: all {len(samples)} questions already answered in {answers_file}", file=sys.stderr)
+        return 0
+    quiet_transformers()
+    tokenizer, model, image_processor, _ = load_from_args(args, pruning_overrides(args))
+    model_name = get_model_name_from_path(args.model_path)
+    conv_mode = resolve_conv_mode(args, benchmark, model_name, model.config)
+    print(
+        f"{desc}: {len(pending)} of {len(samples)} questions to answer; conv mode {conv_mode}; "
+        f"pruning: {model.pruning_config.describe()}",
+        file=sys.stderr,
+    )
+    generate = model_generate_fn(args, conv_mode, tokenizer, model, image_processor)
+    try:
+        return run(
+            samples,
+            answers_file,
+            generate,
+            model_name,
+            batch_size=args.batch_size,
+            skip_errors=args.skip_errors,
+            progress=not args.no_progress,
+            desc=desc,
+        )
+    except RunnerInputError as err:
+        raise SystemExit(f"error: {err}") from None
