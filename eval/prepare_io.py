@@ -91,7 +91,10 @@ def load_part(
             except (OSError, ValueError) as err:  # not found / no access / offline: try the next org
                 failures.append(f"{repo}: {type(err).__name__}: {err}")
         if ds is None:
-            raise EvalInputError("could not load the dataset:\n  " + "\n  ".join(failures))
+            raise EvalInputError(
+                "could not load the dataset (offline? save it elsewhere and pass --from-disk PATH):\n  "
+                + "\n  ".join(failures)
+            )
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     if "image" in ds.features and isinstance(ds.features["image"], datasets.Image):
