@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from llava.tokenization import load_tokenizer
 from pruning import PruningConfig, resolve_pruning
 
@@ -33,7 +34,13 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-LLAVA_MODEL_TYPES = {"llava", "llava_llama"}
+# model_type in config.json -> (config class, model class). "llava" is LLaVA-1.5's release config; the 1.6
+# releases say "llava_llama" (Vicuna, and Yi for the 34B) or "llava_mistral".
+LLAVA_MODEL_TYPES = {
+    "llava": (LlavaConfig, LlavaLlamaForCausalLM),
+    "llava_llama": (LlavaConfig, LlavaLlamaForCausalLM),
+    "llava_mistral": (LlavaMistralConfig, LlavaMistralForCausalLM),
+}
 
 
 class CheckpointError(OSError):
@@ -101,15 +108,25 @@ def detect_route(folder: Path, config: dict[str, Any], model_base: str | None) -
     raise CheckpointError(f"{folder} has no weights: expected one of {', '.join(WEIGHT_FILES)} or mm_projector.bin")
 
 
-def llava_config(config: dict[str, Any], source: Path) -> LlavaConfig:
+def llava_config(config: dict[str, Any], source: Path) -> LlavaConfig | LlavaMistralConfig:
     model_type = config.get("model_type")
     if model_type not in LLAVA_MODEL_TYPES:
         raise CheckpointError(
-            f"{source}/config.json: model_type {model_type!r} is not a LLaVA-Llama checkpoint "
+            f"{source}/config.json: model_type {model_type!r} is not a LLaVA checkpoint we can load "
             f"(expected one of {sorted(LLAVA_MODEL_TYPES)})"
         )
+    config_class, _ = LLAVA_MODEL_TYPES[model_type]
     fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
-    return LlavaConfig(**fields)
+    if config.get("image_aspect_ratio") == "anyres" and not config.get("image_grid_pinpoints"):
+        raise CheckpointError(
+            f"{source}/config.json: image_aspect_ratio is 'anyres' but image_grid_pinpoints is missing"
+        )
+    return config_class(**fields)
+
+
+def llava_model_class(config: dict[str, Any]) -> type:
+    """The model class for a raw config whose model_type llava_config() accepted."""
+    return LLAVA_MODEL_TYPES[config["model_type"]][1]
 
 
 def strip_non_lora_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -190,14 +207,20 @@ def load_pretrained_model(
         return tokenizer, model, None, getattr(model.config, "max_sequence_length", 2048)
 
     config = llava_config(raw_config, folder)
+    model_class = llava_model_class(raw_config)
     if vision_tower is not None:
         config.mm_vision_tower = str(vision_tower)
     config.pruning = resolve_pruning(getattr(config, "pruning", None), _overrides(pruning)).to_dict()
+    # LLaVA-1.6 fine-tuned the tower and saved it in the checkpoint. Upstream built the tower at init so the
+    # checkpoint's weights landed in it; transformers 5 inits on the meta device, where a nested from_pretrained
+    # fails, so the tower is delay-loaded here and its tuned weights are read from the checkpoint afterwards.
+    tuned_tower = bool(getattr(config, "unfreeze_mm_vision_tower", False))
+    config.unfreeze_mm_vision_tower = False
     if route == "llava":
-        model = LlavaLlamaForCausalLM.from_pretrained(folder, config=config, **load_kwargs)
+        model = model_class.from_pretrained(folder, config=config, **load_kwargs)
         tokenizer_dir = folder
     else:
-        model = LlavaLlamaForCausalLM.from_pretrained(base, config=config, **load_kwargs)
+        model = model_class.from_pretrained(base, config=config, **load_kwargs)
         tokenizer_dir = folder if (folder / "tokenizer.model").is_file() else base
         if route == "projector":
             weights = torch.load(folder / "mm_projector.bin", map_location="cpu", weights_only=True)
@@ -209,11 +232,68 @@ def load_pretrained_model(
 
     tower = model.get_vision_tower()
     tower.load_model(device_map=None, dtype=dtype)
+    if tuned_tower:
+        model.config.unfreeze_mm_vision_tower = True
+        if route == "llava":
+            _load_tuned_tower(tower, folder, dtype)
     tower.to(device=model.device, dtype=dtype)
     image_processor = tower.image_processor
     context_len = getattr(model.config, "max_sequence_length", 2048)
     model.eval()
     return tokenizer, model, image_processor, context_len
+
+
+TOWER_PREFIX = "model.vision_tower."
+
+
+def checkpoint_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint folder whose names start with ``prefix`` (safetensors or .bin, sharded or not)."""
+    files: list[Path] = []
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = sorted({folder / name for key, name in weight_map.items() if key.startswith(prefix)})
+            break
+    else:
+        files = [folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()]
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as handle:
+                out.update({k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)})
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            out.update({k: v for k, v in state.items() if k.startswith(prefix)})
+    return out
+
+
+def _load_tuned_tower(tower: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    """Overwrite the CLIP folder's weights with the fine-tuned tower saved in the checkpoint (LLaVA-1.6)."""
+    own = set(tower.state_dict())
+    state = {}
+    for key, value in checkpoint_tensors(folder, TOWER_PREFIX).items():
+        key = key[len(TOWER_PREFIX) :]
+        # released with transformers 4.x: CLIPVisionModel.vision_model.*; transformers 5 drops that level
+        if key not in own and key.startswith("vision_tower.vision_model."):
+            key = "vision_tower." + key[len("vision_tower.vision_model.") :]
+        state[key] = value.to(dtype)
+    if not state:
+        warnings.warn(
+            f"{folder}/config.json sets unfreeze_mm_vision_tower but the checkpoint holds no '{TOWER_PREFIX}*' "
+            "weights; using the vision tower folder's weights",
+            stacklevel=3,
+        )
+        return
+    result = tower.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if result.unexpected_keys or missing:
+        raise CheckpointError(
+            f"{folder}: the vision tower weights in the checkpoint do not match the tower "
+            f"(unexpected: {result.unexpected_keys[:5]}, missing: {missing[:5]})"
+        )
 
 
 def _overrides(pruning: PruningConfig | dict | None) -> dict[str, Any]:

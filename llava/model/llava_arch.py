@@ -15,6 +15,14 @@ import torch
 from torch import nn
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.model.anyres import (
+    assemble_image,
+    crops_per_image,
+    image_grid,
+    merge_type_of,
+    normalise_image_sizes,
+    select_crop_tokens,
+)
 from llava.model.multimodal_encoder.clip_encoder import build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from pruning import PruningConfig
@@ -132,16 +140,57 @@ class LlavaMetaForCausalLM:
         )
 
     def image_features(self, images, image_sizes=None, pruning: PruningConfig | None = None) -> ImageFeatures:
-        """Per-image features for a batch given as a tensor or a list of [3, H, W] tensors."""
+        """Per-image features for a batch given as a tensor or a list of tensors.
+
+        [N, 3, H, W] (or a list of [3, H, W] under the flat merge) is one crop per image, as in LLaVA-1.5; a
+        [N, crops, 3, H, W] tensor or a list of [crops, 3, H, W] tensors is LLaVA-1.6's anyres input.
+        """
+        if _is_multi_crop(images, self.config):
+            return self.encode_anyres(crops_per_image(images), image_sizes, pruning)
         if isinstance(images, (list, tuple)):
-            if any(image.ndim != 3 for image in images):
-                raise MultimodalInputError(
-                    "this model takes one [3, H, W] tensor per image; multi-crop (anyres) input needs a LLaVA-1.6 config"
-                )
             images = torch.stack(list(images))
         if images.ndim != 4:
             raise MultimodalInputError(f"images must be [num_images, 3, H, W], got shape {tuple(images.shape)}")
         return self.encode_images(images, pruning)
+
+    def encode_anyres(
+        self, images: list[torch.Tensor], image_sizes=None, pruning: PruningConfig | None = None
+    ) -> ImageFeatures:
+        """LLaVA-1.6: all crops through the tower in one batch (stage 1 per crop or pooled), then each image's kept
+        tokens laid out by mm_patch_merge_type (see llava/model/anyres.py)."""
+        pruning = pruning or self.pruning_config
+        merge_type = merge_type_of(self.config)
+        counts = [image.shape[0] for image in images]
+        sizes = normalise_image_sizes(image_sizes, len(images)) if merge_type != "flat" else [None] * len(images)
+        tower = self.get_vision_tower()
+        crop_pixels = tower.config.image_size
+        grids = [
+            image_grid(self.config, sizes[i], crop_pixels, counts[i], i)
+            if merge_type != "flat" and counts[i] > 1
+            else None
+            for i in range(len(images))
+        ]
+        model = self.get_model()
+        newline = getattr(model, "image_newline", None)
+        if merge_type == "spatial_unpad" and newline is None:
+            raise MultimodalInputError("mm_patch_merge_type 'spatial_unpad' needs the model's image_newline parameter")
+        selected = select_crop_tokens(tower, model.mm_projector, torch.cat(images), counts, pruning)
+        result = ImageFeatures(features=[], n=[], kept=[], inflection=[], extra=[])
+        for tokens, grid, size in zip(selected, grids, sizes):
+            image = assemble_image(tokens, merge_type, tower.num_patches_per_side, grid, size, newline)
+            result.features.append(image.features)
+            result.n.append(image.full_length)
+            result.kept.append(int(image.features.shape[0]))
+            result.inflection.append(tokens.inflection[0])
+            result.extra.append(
+                {
+                    "crops": len(tokens.features),
+                    "crop_kept": [int(f.shape[0]) for f in tokens.features],
+                    "crop_inflection": list(tokens.inflection),
+                    "newlines": image.newlines,
+                }
+            )
+        return result
 
     # ---- merge -----------------------------------------------------------------------------------------------
     def merge_multimodal(
@@ -235,6 +284,15 @@ class LlavaMetaForCausalLM:
         merged = self.merge_multimodal(input_ids, attention_mask, labels, images, image_sizes)
         self._last_token_stats = merged.token_stats
         return None, merged.position_ids, merged.attention_mask, past_key_values, merged.inputs_embeds, merged.labels
+
+
+def _is_multi_crop(images, config) -> bool:
+    if isinstance(images, torch.Tensor):
+        return images.ndim == 5
+    if any(image.ndim == 4 for image in images):
+        return True
+    # one [3, H, W] crop per image: LLaVA-1.5's path, unless the merge type adds structure (a newline under unpad)
+    return merge_type_of(config) != "flat"
 
 
 def _pad_sequences(

@@ -1,6 +1,7 @@
-"""Write a tiny random LLaVA-1.5 checkpoint in the original release format, for tests and the CPU demo.
+"""Write a tiny random LLaVA-1.5 or 1.6 checkpoint in the original release format, for tests and the CPU demo.
 
     python -m llava.model.tiny --out checkpoints/llava-v1.5-tiny
+    python -m llava.model.tiny --out checkpoints/llava-v1.6-mistral-tiny --version 1.6-mistral
 
 The folder looks like ``liuhaotian/llava-v1.5-7b``: ``config.json`` (model_type "llava", mm_* keys),
 ``pytorch_model-0000N-of-0000M.bin`` shards with their index (LLM + ``model.mm_projector.*``, rotary ``inv_freq``
@@ -18,7 +19,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
+from safetensors.torch import save_file
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.tokenization import load_tokenizer, train_sentencepiece
@@ -145,33 +155,7 @@ def write_tiny_llava(
     train_sentencepiece(tokenizer_corpus(), out, vocab_size=spec.vocab_size, model_max_length=2048, seed=seed)
     vocab = len(load_tokenizer(out))
 
-    torch.manual_seed(seed + 1)
-    llm_config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=1e-5,
-    )
-    llm = LlamaForCausalLM(llm_config)
-    _randomize(llm, std=0.15)
-    state = {k: v.contiguous() for k, v in llm.state_dict().items()}
-    head_dim = spec.hidden // spec.heads
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    for layer in range(spec.layers):
-        state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
-
-    projector_cfg = argparse.Namespace(
-        mm_projector_type=spec.projector, mm_hidden_size=spec.vision_hidden, hidden_size=spec.hidden
-    )
-    projector = build_vision_projector(projector_cfg)
-    _randomize(projector, std=0.2)
-    for key, value in projector.state_dict().items():
-        state[f"model.mm_projector.{key}"] = value.contiguous()
-
+    state = _llm_and_projector_state(spec, vocab, seed, family="vicuna", rotary_buffers=True)
     _write_bin_shards(out, state, shards)
     config = {
         "_name_or_path": "./checkpoints/vicuna-tiny",
@@ -220,6 +204,161 @@ def write_tiny_llava(
     return out
 
 
+def tiny_grid_pinpoints(image_size: int) -> list[list[int]]:
+    """LLaVA-1.6's five pinpoints ([w, h] in crops of 336 px: 1x2, 2x1, 2x2, 3x1, 1x3) scaled to the tiny crop."""
+    return [[image_size * w, image_size * h] for w, h in [(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)]]
+
+
+def write_tiny_llava_next(
+    out: str | Path,
+    spec: TinySpec | None = None,
+    seed: int = 0,
+    tower_dir: str | Path | None = None,
+    shards: int = 2,
+    pruning: dict | None = None,
+    llm: str = "vicuna",
+    merge_type: str = "spatial_unpad",
+) -> Path:
+    """A tiny LLaVA-1.6 checkpoint shaped like ``liuhaotian/llava-v1.6-vicuna-7b`` (``llm="vicuna"``, model_type
+    llava_llama) or ``-mistral-7b`` (``llm="mistral"``, llava_mistral, grouped-query attention).
+
+    As in the release: anyres config keys, ``image_newline``, safetensors shards, and a fine-tuned vision tower
+    (``unfreeze_mm_vision_tower``) whose weights live in the checkpoint under ``model.vision_tower.vision_tower.*``
+    and differ from the CLIP folder's, so a loader that kept the folder's weights would be caught.
+    """
+    if llm == "mistral" and spec is None:
+        spec = TinySpec(kv_heads=2)
+    spec = spec or TinySpec()
+    out = Path(out)
+    tower_dir = Path(tower_dir) if tower_dir is not None else out.with_name(out.name + "-clip")
+    write_clip_tower(tower_dir, spec, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    train_sentencepiece(tokenizer_corpus(), out, vocab_size=spec.vocab_size, model_max_length=4096, seed=seed)
+    vocab = len(load_tokenizer(out))
+
+    state = _llm_and_projector_state(spec, vocab, seed, family=llm, rotary_buffers=False)
+    tower = CLIPVisionModel.from_pretrained(tower_dir)
+    with torch.no_grad():
+        for key, value in tower.state_dict().items():
+            tuned = value + 0.02 * torch.randn_like(value) if value.is_floating_point() else value
+            # the release's names (transformers 4.x CLIPVisionModel kept a vision_model level)
+            state[f"model.vision_tower.vision_tower.vision_model.{key}"] = tuned.contiguous()
+    state["model.image_newline"] = torch.randn(spec.hidden) / spec.hidden**0.5
+    _write_safetensors_shards(out, state, shards)
+
+    family = {
+        "vicuna": {
+            "_name_or_path": "lmsys/vicuna-7b-v1.5",
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "model_type": "llava_llama",
+            "pretraining_tp": 1,
+            "rope_scaling": None,
+            "rope_theta": 10000.0,
+        },
+        "mistral": {
+            "_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
+            "architectures": ["LlavaMistralForCausalLM"],
+            "model_type": "llava_mistral",
+            "rope_theta": 1000000.0,
+            "sliding_window": None,
+        },
+    }[llm]
+    config = {
+        **family,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "freeze_mm_mlp_adapter": False,
+        "freeze_mm_vision_resampler": False,
+        "hidden_act": "silu",
+        "hidden_size": spec.hidden,
+        "image_aspect_ratio": "anyres",
+        "image_crop_resolution": 224,
+        "image_grid_pinpoints": tiny_grid_pinpoints(spec.image_size),
+        "image_split_resolution": 224,
+        "initializer_range": 0.02,
+        "intermediate_size": spec.intermediate,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "mm_hidden_size": spec.vision_hidden,
+        "mm_patch_merge_type": merge_type,
+        "mm_projector_lr": 2e-05,
+        "mm_projector_type": spec.projector,
+        "mm_resampler_type": None,
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": str(tower_dir.resolve()),
+        "mm_vision_tower_lr": 2e-06,
+        "num_attention_heads": spec.heads,
+        "num_hidden_layers": spec.layers,
+        "num_key_value_heads": spec.kv_heads,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": False,
+        "tokenizer_model_max_length": 4096,
+        "tokenizer_padding_side": "right",
+        "torch_dtype": "float32",
+        "transformers_version": "4.36.2",
+        "tune_mm_mlp_adapter": False,
+        "tune_mm_vision_resampler": False,
+        "unfreeze_mm_vision_tower": True,
+        "use_cache": True,
+        "use_mm_proj": True,
+        "vocab_size": vocab,
+    }
+    config["pruning"] = {"visual_layer": spec.visual_layer, **(pruning or {})}
+    (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+    generation = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return out
+
+
+def _llm_and_projector_state(
+    spec: TinySpec, vocab: int, seed: int, family: str, rotary_buffers: bool
+) -> dict[str, torch.Tensor]:
+    """Random LLM + projector weights under LLaVA's state-dict names.
+
+    ``rotary_buffers``: transformers 4.31 (LLaVA-1.5's release) saved each layer's rotary ``inv_freq``; 4.36 (1.6)
+    did not.
+    """
+    torch.manual_seed(seed + 1)
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+    }
+    if family == "mistral":
+        llm = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    elif family == "vicuna":
+        llm = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        raise ValueError(f"unknown tiny language model family {family!r}; expected 'vicuna' or 'mistral'")
+    _randomize(llm, std=0.15)
+    state = {k: v.contiguous() for k, v in llm.state_dict().items()}
+    if rotary_buffers:
+        head_dim = spec.hidden // spec.heads
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        for layer in range(spec.layers):
+            state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+
+    projector_cfg = argparse.Namespace(
+        mm_projector_type=spec.projector, mm_hidden_size=spec.vision_hidden, hidden_size=spec.hidden
+    )
+    projector = build_vision_projector(projector_cfg)
+    _randomize(projector, std=0.2)
+    for key, value in projector.state_dict().items():
+        state[f"model.mm_projector.{key}"] = value.contiguous()
+    return state
+
+
 def _write_bin_shards(out: Path, state: dict[str, torch.Tensor], shards: int) -> None:
     keys = list(state)
     per_shard = -(-len(keys) // shards)
@@ -235,14 +374,39 @@ def _write_bin_shards(out: Path, state: dict[str, torch.Tensor], shards: int) ->
     (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _write_safetensors_shards(out: Path, state: dict[str, torch.Tensor], shards: int) -> None:
+    keys = list(state)
+    per_shard = -(-len(keys) // shards)
+    weight_map, total = {}, 0
+    for index in range(shards):
+        name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        chunk = {k: state[k] for k in keys[index * per_shard : (index + 1) * per_shard]}
+        save_file(chunk, str(out / name), metadata={"format": "pt"})
+        for key, value in chunk.items():
+            weight_map[key] = name
+            total += value.numel() * value.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--tower-out", default=None, help="CLIP tower folder (default: <out>-clip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--version",
+        choices=["1.5", "1.6-vicuna", "1.6-mistral"],
+        default="1.5",
+        help="release layout to imitate (1.6: anyres, spatial_unpad, tuned tower in the checkpoint)",
+    )
     args = parser.parse_args(argv)
-    path = write_tiny_llava(args.out, seed=args.seed, tower_dir=args.tower_out)
-    print(f"wrote tiny LLaVA-1.5 checkpoint to {path}")
+    if args.version == "1.5":
+        path = write_tiny_llava(args.out, seed=args.seed, tower_dir=args.tower_out)
+    else:
+        llm = args.version.split("-", 1)[1]
+        path = write_tiny_llava_next(args.out, seed=args.seed, tower_dir=args.tower_out, llm=llm)
+    print(f"wrote tiny LLaVA-{args.version} checkpoint to {path}")
 
 
 if __name__ == "__main__":
