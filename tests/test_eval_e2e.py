@@ -1,0 +1,387 @@
+"""End to end, one test per benchmark: a fixture in the benchmark's official file format -> its runner on the tiny
+model with both pruning stages on -> its scorer -> a result JSON with a headline and the token means.
+
+The tiny model answers noise, so headlines are whatever the scorer makes of noise; what is checked is that every
+question is answered once, in the format the scorer reads, and that the result carries the run's token counts.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from llava.eval import model_vqa, model_vqa_loader, model_vqa_mmbench, model_vqa_science
+from tests.conftest import random_image
+from tests.test_judge import FakeOpenAIServer
+
+BOTH_STAGES = ["--visual-pruning", "longtail", "--kv-pruning", "h2o"]
+TOKEN_KEYS = ("visual_before", "visual_after", "inflection", "prompt", "generated", "kv_final")
+SHORT = "\nAnswer the question using a single word or phrase."
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def save_image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    random_image(seed, (96 + 8 * (seed % 5), 72 + 12 * (seed % 3))).save(path)
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def runner_args(tiny_ckpt: Path, questions: Path, answers: Path, images: Path | None = None, *extra: str) -> list:
+    argv = ["--model-path", str(tiny_ckpt), "--question-file", str(questions), "--answers-file", str(answers)]
+    if images is not None:
+        argv += ["--image-folder", str(images)]
+    argv += ["--temperature", "0", "--conv-mode", "vicuna_v1", "--max_new_tokens", "6", "--batch-size", "4"]
+    return [*argv, "--no-progress", *BOTH_STAGES, *extra]
+
+
+def check_result(result_json: Path, answers: Path, benchmark: str, count: int) -> dict:
+    """The result JSON a table reads: headline, and the token means of exactly the answers that were scored."""
+    result = json.loads(result_json.read_text(encoding="utf-8"))
+    rows = read_lines(answers)
+    assert result["benchmark"] == benchmark
+    assert isinstance(result["headline"], (int, float)) and math.isfinite(result["headline"])
+    assert result["count"] == count
+    for key in TOKEN_KEYS:
+        values = [r["tokens"][key] for r in rows if r["tokens"][key] is not None]  # no i* without an image
+        assert result["tokens"][key] == pytest.approx(sum(values) / len(values))
+    assert 0 < result["tokens"]["visual_after"] <= result["tokens"]["visual_before"] <= 64
+    assert all(r["tokens"]["kv_final"] <= r["tokens"]["prompt"] + r["tokens"]["generated"] for r in rows)
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _judge_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    for name in ("JUDGE_MODEL", "OPENAI_BASE_URL", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+# ---- ScienceQA ------------------------------------------------------------------------------------------------
+
+
+def test_scienceqa(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from eval import sqa
+
+    root = tmp_path / "scienceqa"
+    problems, questions = {}, []
+    for n in range(5):
+        pid = str(400 + n)
+        has_image = n != 2
+        problems[pid] = {
+            "question": f"Which option is number {n}?",
+            "choices": ["one", "two", "three"],
+            "answer": n % 3,
+            "hint": "" if n % 2 else "A hint.",
+            "image": "image.png" if has_image else None,
+            "subject": "natural science",
+            "grade": "grade3",
+            "split": "test",
+        }
+        value = f"Context: {problems[pid]['hint'] or 'N/A'}\nWhich option is number {n}?\nA. one\nB. two\nC. three"
+        question = {"id": pid, "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "A"}]}
+        if has_image:
+            question["image"] = f"{pid}/image.png"
+            question["conversations"][0]["value"] = "<image>\n" + value
+            save_image(root / "images" / "test" / pid / "image.png", n)
+        questions.append(question)
+    write_json(root / "problems.json", problems)
+    write_json(root / "pid_splits.json", {"test": sorted(problems), "val": []})
+    write_json(root / "llava_test_CQM-A.json", questions)
+
+    answers = root / "answers" / "tiny.jsonl"
+    argv = runner_args(tiny_ckpt, root / "llava_test_CQM-A.json", answers, root / "images" / "test")
+    model_vqa_science.main([*argv, "--single-pred-prompt"])
+    result_json = root / "results" / "tiny.json"
+    sqa.main(["--base-dir", str(root), "--result-file", str(answers), "--result-json", str(result_json)])
+    result = check_result(result_json, answers, "sqa", count=5)
+    assert result["metrics"]["img_total"] == 4 and result["metrics"]["total"] == 5
+    text_only = next(r for r in read_lines(answers) if r["question_id"] == "402")
+    assert text_only["tokens"]["visual_before"] == 0 and "<image>" not in text_only["prompt"]
+
+
+# ---- TextVQA --------------------------------------------------------------------------------------------------
+
+
+def test_textvqa(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from eval import textvqa
+
+    root = tmp_path / "textvqa"
+    data, lines = [], []
+    for n in range(5):
+        image_id = f"{n:04x}a8ae2ef43b90"
+        save_image(root / "train_images" / f"{image_id}.jpg", n)
+        question = f"what is written on sign {n}?"
+        data.append(
+            {
+                "question_id": 34602 + n,
+                "image_id": image_id,
+                "question": question,
+                "answers": ["stop"] * 6 + ["stop sign"] * 4,
+                "image_classes": ["Sign"],
+                "set_name": "val",
+            }
+        )
+        text = f"{question}\nReference OCR token: stop, main, st{SHORT}"
+        lines.append({"question_id": 34602 + n, "image": f"{image_id}.jpg", "text": text, "category": "default"})
+    write_json(root / "TextVQA_0.5.1_val.json", {"dataset_type": "val", "dataset_name": "textvqa", "data": data})
+    questions = write_jsonl(root / "llava_textvqa_val_v051_ocr.jsonl", lines)
+
+    answers = root / "answers" / "tiny.jsonl"
+    model_vqa_loader.main(runner_args(tiny_ckpt, questions, answers, root / "train_images"))
+    result_json = root / "results" / "tiny.json"
+    textvqa.main(
+        ["--annotation-file", str(root / "TextVQA_0.5.1_val.json"), "--result-file", str(answers)]
+        + ["--result-json", str(result_json)]
+    )
+    check_result(result_json, answers, "textvqa", count=5)
+
+
+# ---- MME ------------------------------------------------------------------------------------------------------
+
+
+def test_mme(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from eval import mme
+
+    root = tmp_path / "MME"
+    release = root / "MME_Benchmark_release_version"
+    lines = []
+    # flat categories keep <image>.png and <image>.txt side by side; others use images/ + questions_answers_YN/
+    layout = {"existence": "flat", "artwork": "split", "code_reasoning": "flat"}
+    seed = 0
+    for category, kind in layout.items():
+        for stem in ("0001", "0002"):
+            image = f"{stem}.png" if kind == "flat" else f"images/{stem}.png"
+            txt = release / category / (f"{stem}.txt" if kind == "flat" else f"questions_answers_YN/{stem}.txt")
+            save_image(release / category / image, seed)
+            seed += 1
+            pairs = [(f"Is there a cat in picture {stem}?", "Yes"), (f"Is there a dog in picture {stem}?", "No")]
+            txt.parent.mkdir(parents=True, exist_ok=True)
+            txt.write_text("".join(f"{q} Please answer yes or no.\t{a}\n" for q, a in pairs), encoding="utf-8")
+            for question, _ in pairs:  # two questions per image share one question_id, as in llava_mme.jsonl
+                qid = f"{category}/{image}"
+                lines.append({"question_id": qid, "image": qid, "text": question + SHORT, "category": category})
+    questions = write_jsonl(root / "llava_mme.jsonl", lines)
+
+    answers = root / "answers" / "tiny.jsonl"
+    model_vqa_loader.main(runner_args(tiny_ckpt, questions, answers, release))
+    result_json = root / "results" / "tiny.json"
+    mme.main(
+        ["--mme-dir", str(release), "--result-file", str(answers), "--result-json", str(result_json)]
+        + ["--write-mme-txt", str(root / "eval_tool" / "answers" / "tiny")]
+    )
+    result = check_result(result_json, answers, "mme", count=12)
+    assert len(read_lines(answers)) == 12
+    assert (root / "eval_tool" / "answers" / "tiny" / "artwork.txt").is_file()
+    assert result["headline"] <= 2 * 200  # two perception subtasks present, 200 points each at most
+
+
+# ---- VQAv2 (the multi-GPU benchmark: two chunks, merged in order) -------------------------------------------
+
+
+def test_vqav2_two_chunks_merged(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from eval import vqav2
+
+    root = tmp_path / "vqav2"
+    lines, annotations, official_questions = [], [], []
+    kinds = [("yes/no", "yes"), ("number", "2"), ("other", "red")]
+    for n in range(5):
+        image_id = 262148 + n
+        qid = image_id * 1000 + n
+        image = f"COCO_val2014_{image_id:012d}.jpg"
+        save_image(root / "val2014" / image, n)
+        question = f"What about object {n}?"
+        lines.append({"question_id": qid, "image": image, "text": question + SHORT, "category": "default"})
+        answer_type, answer = kinds[n % 3]
+        annotations.append(
+            {
+                "question_id": qid,
+                "image_id": image_id,
+                "question_type": "what",
+                "answer_type": answer_type,
+                "multiple_choice_answer": answer,
+                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)],
+            }
+        )
+        official_questions.append({"question_id": qid, "image_id": image_id, "question": question})
+    questions = write_jsonl(root / "llava_vqav2_mscoco_val2014.jsonl", lines)
+    write_json(root / "v2_mscoco_val2014_annotations.json", {"annotations": annotations})
+    write_json(root / "v2_OpenEnded_mscoco_val2014_questions.json", {"questions": official_questions})
+
+    chunk_dir = root / "answers" / "llava_vqav2_mscoco_val2014" / "tiny"
+    for idx in range(2):
+        chunk = ["--num-chunks", "2", "--chunk-idx", str(idx)]
+        model_vqa_loader.main(runner_args(tiny_ckpt, questions, chunk_dir / f"2_{idx}.jsonl", root / "val2014", *chunk))
+    merge = chunk_dir / "merge.jsonl"
+    merge.write_text("".join((chunk_dir / f"2_{i}.jsonl").read_text() for i in range(2)), encoding="utf-8")
+    assert [r["question_id"] for r in read_lines(merge)] == [line["question_id"] for line in lines]
+
+    result_json = root / "results" / "tiny.json"
+    vqav2.main(
+        ["--result-file", str(merge), "--annotation-file", str(root / "v2_mscoco_val2014_annotations.json")]
+        + ["--question-json", str(root / "v2_OpenEnded_mscoco_val2014_questions.json")]
+        + ["--result-json", str(result_json)]
+    )
+    result = check_result(result_json, merge, "vqav2", count=5)
+    assert set(result["metrics"]["accuracy"]) >= {"overall", "yes/no", "number", "other"}
+
+
+# ---- POPE -----------------------------------------------------------------------------------------------------
+
+
+def test_pope(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from eval import pope
+
+    root = tmp_path / "pope"
+    lines, qid = [], 1
+    for c, category in enumerate(("adversarial", "popular", "random")):
+        labels = []
+        for n, (thing, label) in enumerate([("dog", "yes"), ("car", "no")]):
+            image = f"COCO_val2014_{310196 + 10 * c + n:012d}.jpg"
+            save_image(root / "val2014" / image, qid)
+            text = f"Is there a {thing} in the image?"
+            lines.append({"question_id": qid, "image": image, "text": text + SHORT, "category": category})
+            labels.append({"question_id": n + 1, "image": image, "text": text, "label": label})  # POPE restarts ids
+            qid += 1
+        write_jsonl(root / "coco" / f"coco_pope_{category}.json", labels)
+    questions = write_jsonl(root / "llava_pope_test.jsonl", lines)
+
+    answers = root / "answers" / "tiny.jsonl"
+    model_vqa_loader.main(runner_args(tiny_ckpt, questions, answers, root / "val2014"))
+    result_json = root / "results" / "tiny.json"
+    pope.main(
+        ["--annotation-dir", str(root / "coco"), "--question-file", str(questions)]
+        + ["--result-file", str(answers), "--result-json", str(result_json)]
+    )
+    result = check_result(result_json, answers, "pope", count=6)
+    assert result["headline"] == pytest.approx(result["metrics"]["mean_f1"])
+
+
+# ---- MMBench --------------------------------------------------------------------------------------------------
+
+
+def png_base64(seed: int) -> str:
+    buffer = io.BytesIO()
+    random_image(seed, (90, 70)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_mmbench_all_rounds(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from eval import mmbench
+
+    root = tmp_path / "mmbench"
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source"]
+    header += ["l2-category", "comment", "split"]
+    rows = [
+        [1, "What animal is shown?", "nan", "cat", "dog", "cow", "nan", "A", "object", png_base64(1), "x"],
+        [2, "Which colour dominates?", "A plain photo.", "red", "blue", "nan", "nan", "B", "color", png_base64(2), "x"],
+        # the circular copy of question 1 that the official TSV carries (index + 1e6), options rotated
+        [1000001, "What animal is shown?", "nan", "dog", "cow", "cat", "nan", "C", "object", png_base64(1), "x"],
+    ]
+    tsv = root / "mmbench_dev_20230712.tsv"
+    tsv.parent.mkdir(parents=True)
+    with tsv.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(header)
+        writer.writerows([*row, "perception", "nan", "dev"] for row in rows)
+
+    answers = root / "answers" / "mmbench_dev_20230712" / "tiny.jsonl"
+    model_vqa_mmbench.main(runner_args(tiny_ckpt, tsv, answers, None, "--single-pred-prompt", "--all-rounds"))
+    assert [(r["question_id"], r["round_id"]) for r in read_lines(answers)] == [
+        (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (1000001, 0), (1000001, 1), (1000001, 2)
+    ]  # fmt: skip
+    result_json = root / "results" / "tiny.json"
+    # no --upload-dir: the tiny model's noise holds control characters that an .xlsx cell cannot store
+    mmbench.main(
+        ["--annotation-file", str(tsv), "--result-file", str(answers), "--experiment", "tiny"]
+        + ["--result-json", str(result_json)]
+    )
+    result = check_result(result_json, answers, "mmbench", count=2)
+    assert result["headline"] in (0.0, 50.0, 100.0)  # circular accuracy over the 2 questions
+
+
+# ---- MM-Vet (GPT grader on a loopback server) ----------------------------------------------------------------
+
+
+def test_mmvet(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from eval import mmvet
+
+    root = tmp_path / "mm-vet"
+    lines, ground_truth = [], {}
+    capabilities = [["rec"], ["ocr", "rec"], ["math"], ["know", "gen"]]
+    for n, caps in enumerate(capabilities):
+        save_image(root / "images" / f"v1_{n}.png", n)
+        question = f"What is going on in picture {n}?"
+        lines.append({"image": f"v1_{n}.png", "text": question, "category": "conv", "question_id": n})
+        ground_truth[f"v1_{n}"] = {"imagename": f"v1_{n}.png", "capability": caps, "question": question, "answer": "x"}
+    questions = write_jsonl(root / "llava-mm-vet.jsonl", lines)
+    write_json(root / "mm-vet.json", ground_truth)
+
+    answers = root / "answers" / "tiny.jsonl"
+    model_vqa.main(runner_args(tiny_ckpt, questions, answers, root / "images"))
+    result_json = root / "results" / "tiny.json"
+    with FakeOpenAIServer(lambda body: "0.5") as server:
+        code = mmvet.main(
+            ["--question-file", str(questions), "--result-file", str(answers)]
+            + ["--out-json", str(root / "answers_upload" / "tiny.json"), "--grade"]
+            + ["--mmvet-json", str(root / "mm-vet.json"), "--result-json", str(result_json)]
+            + ["--judge-model", "judge-test", "--judge-base-url", server.base_url]
+        )
+    assert code == 0 and len(server.requests) == 4
+    result = check_result(result_json, answers, "mmvet", count=4)
+    assert result["headline"] == pytest.approx(50.0)
+    assert set(json.loads((root / "answers_upload" / "tiny.json").read_text())) == {f"v1_{n}" for n in range(4)}
+
+
+# ---- LLaVA-Bench-in-the-Wild (GPT reviewer on a loopback server) ---------------------------------------------
+
+
+def test_llavabench(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from eval import llavabench
+
+    root = tmp_path / "llava-bench-in-the-wild"
+    lines, references = [], []
+    for n, category in enumerate(("conv", "detail", "complex", "conv")):
+        image = f"{n // 2 + 1:03d}.jpg"
+        save_image(root / "images" / image, n // 2)
+        lines.append({"question_id": n, "image": image, "text": f"Tell me about {category} {n}.", "category": category})
+        references.append({"question_id": n, "text": f"Reference answer {n}.", "answer_id": f"r{n}"})
+    questions = write_jsonl(root / "questions.jsonl", lines)
+    context = write_jsonl(
+        root / "context.jsonl",
+        [{"image": "001.jpg", "caption": "A bowl."}, {"image": "002.jpg", "caption": ["A man.", "A dog."]}],
+    )
+    reference = write_jsonl(root / "answers_gpt4.jsonl", references)
+
+    answers = root / "answers" / "tiny.jsonl"
+    model_vqa.main(runner_args(tiny_ckpt, questions, answers, root / "images"))
+    result_json = root / "results" / "tiny.json"
+    with FakeOpenAIServer(lambda body: "8 6\nAssistant 2 is shorter.") as server:
+        code = llavabench.main(
+            ["--question", str(questions), "--context", str(context), "--answer-list", str(reference), str(answers)]
+            + ["--output", str(root / "reviews" / "tiny.jsonl"), "--result-json", str(result_json)]
+            + ["--judge-model", "judge-test", "--judge-base-url", server.base_url]
+        )
+    assert code in (0, None) and len(server.requests) == 4
+    result = check_result(result_json, answers, "llavabench", count=4)
+    assert result["headline"] == pytest.approx(75.0)  # 6 / 8
