@@ -80,6 +80,7 @@ def select_visual_tokens(
     if config.visual_mode == "inside":
         tokens = torch.cat([hidden[:, :1], _gather_patches(hidden[:, 1:], indices, mask)], dim=1)  # [B, 1+k_max, D]
         attention_mask = _key_padding_mask(mask, tokens.dtype)
+        _check_mask_support(layers[config.visual_layer], attention_mask)
         for layer in layers[config.visual_layer : select_index]:
             tokens = layer(tokens, attention_mask)
         cls, patches = tokens[:, :1], _zero_padding(tokens[:, 1:], mask)
@@ -140,6 +141,16 @@ def _key_padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | 
     blocked = torch.zeros(keys.shape, dtype=dtype, device=mask.device).masked_fill(~keys, torch.finfo(dtype).min)
     length = keys.shape[1]
     return blocked[:, None, None, :].expand(-1, 1, length, length)
+
+
+def _check_mask_support(layer: nn.Module, attention_mask: torch.Tensor | None) -> None:
+    """Flash-style kernels take no additive 4D mask; padded keys would silently be attended to."""
+    implementation = getattr(getattr(layer.self_attn, "config", None), "_attn_implementation", None) or "eager"
+    if attention_mask is not None and implementation not in ("eager", "sdpa"):
+        raise ValueError(
+            f"visual_mode 'inside' with samples keeping different counts needs 'sdpa' or 'eager' attention in the "
+            f"vision tower, found {implementation!r}; load the tower with attn_implementation='sdpa' or use batch 1"
+        )
 
 
 def _resolve_select_layer(select_layer: int, num_layers: int) -> int:

@@ -1,6 +1,7 @@
 """Stage 1 inside a tiny random CLIP tower: scores, selection, bit-identity, batching, 'inside' mode, gradients."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -203,6 +204,17 @@ def test_inside_mode_runs_later_layers_on_kept_tokens_only(tower: CLIPVisionMode
     # Pruning at the select layer itself leaves nothing to run: same as 'select'.
     at_select = run(tower, pixels, visual_mode="inside", **{**config, "visual_layer": 3})
     assert torch.equal(at_select.features, run(tower, pixels, **{**config, "visual_layer": 3}).features)
+
+
+def test_inside_mode_refuses_attention_without_a_mask(pixels: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_tower()
+    # Only the attention's view of the config is swapped: loading real flash kernels needs a GPU.
+    monkeypatch.setattr(
+        model.encoder.layers[1].self_attn, "config", SimpleNamespace(_attn_implementation="flash_attention_2")
+    )
+    config = PruningConfig(visual_pruning="longtail", alpha=0.5, visual_layer=1, visual_mode="inside")
+    with torch.no_grad(), pytest.raises(ValueError, match="needs 'sdpa' or 'eager'.*'flash_attention_2'"):
+        select_visual_tokens(model, pixels, config)
 
 
 def test_layers_after_the_select_layer_never_run(
