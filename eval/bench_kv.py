@@ -66,21 +66,24 @@ def filled_plain_cache(model: LlamaForCausalLM, length: int) -> DynamicCache:
     return cache
 
 
-def timed(step: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-@torch.inference_mode()
-def prefill(model: LlamaForCausalLM, prompt: torch.Tensor, cache) -> float:
-    return timed(lambda: model(input_ids=prompt, past_key_values=cache, use_cache=True))
+class Runner:
+    """Times forwards of one model with one clock."""
 
+    def __init__(self, model: LlamaForCausalLM, clock: Callable[[], float]):
+        self.model, self.clock = model, clock
 
-@torch.inference_mode()
-def decode_steps(model: LlamaForCausalLM, cache, steps: int) -> list[float]:
-    token = torch.tensor([[7]])
-    return [timed(lambda: model(input_ids=token, past_key_values=cache, use_cache=True)) for _ in range(steps)]
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: DynamicCache | KVEvictionCache) -> float:
+        start = self.clock()
+        self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return self.clock() - start
+
+    def decode(self, cache: DynamicCache | KVEvictionCache, steps: int) -> list[float]:
+        token = torch.tensor([[7]])
+        return [self.forward(token, cache) for _ in range(steps)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,17 +97,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared machine)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time (robust to other jobs) or wall time"
+    )
     args = parser.parse_args(argv)
-    for name in ("layers", "prompt", "steps", "repeats", "vocab"):
+    for name in ("layers", "prompt", "steps", "repeats", "vocab", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if min(args.generated) < 1:
         parser.error("--generated lengths must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     model = build_model(args.layers, args.vocab, args.prompt + max(args.generated) + args.steps + 8)
+    run = Runner(model, CLOCKS[args.clock])
     prompt = torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     paper = PruningConfig(kv_pruning="h2o", heavy_ratio=args.heavy_ratio, recent_ratio=args.recent_ratio)
     evicting = PruningConfig(
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"# bench_kv: {args.layers} layers of Vicuna-7B geometry, fp32, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock, "
         f"P={args.prompt}, heavy/recent={args.heavy_ratio}/{args.recent_ratio}"
     )
 
@@ -121,19 +128,19 @@ def main(argv: list[str] | None = None) -> None:
         f"h2o {args.heavy_ratio}/{args.recent_ratio}": lambda: KVEvictionCache(paper, None),
         f"h2o {args.prefill_evict_ratio}/{args.prefill_evict_ratio} (evicts)": lambda: KVEvictionCache(evicting, None),
     }
-    prefill(model, prompt, DynamicCache(config=model.config))  # warm-up
+    run.forward(prompt, DynamicCache(config=model.config))  # warm-up
     prefill_runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, make in variants.items():
-            prefill_runs[name].append(prefill(model, prompt, make()))
+            prefill_runs[name].append(run.forward(prompt, make()))
     plain = prefill_runs["plain"]
     for name, values in prefill_runs.items():
         print(f"prefill {name:<28} {_times(values)}   overhead vs plain {_ratios(values, plain, -1)}")
 
     # -- decode: capped steady state vs plain caches of the same and of the full length, one step of each in turn
     capped = KVEvictionCache(paper, None)
-    prefill(model, prompt, capped)
-    decode_steps(model, capped, 2)  # the first eviction (packing the layout) happens here, not in the timed steps
+    run.forward(prompt, capped)
+    run.decode(capped, 2)  # the first eviction (packing the layout) happens here, not in the timed steps
     same = f"plain, {capped.layers[0].keys.shape[-2] - 1} tokens (same)"
     caches = {"capped": capped, same: filled_plain_cache(model, capped.layers[0].keys.shape[-2] - 1)}
     full = {g: f"plain, P+G = {args.prompt + g} tokens" for g in args.generated}
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[float]] = {name: [] for name in caches}
     for _ in range(args.steps * args.repeats):
         for name, cache in caches.items():
-            runs[name] += decode_steps(model, cache, 1)
+            runs[name] += run.decode(cache, 1)
     slots = capped.layers[0].keys.shape[-2]
     print(f"decode: the capped cache holds {capped.kv_lengths()[0]} keys per head in {slots} slots")
     for name, cache in caches.items():

@@ -28,7 +28,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from pruning.kv_cache import KVEvictionCache, KVEvictionLayer
 
 PREFIX = "kv_eviction_"
-SCORE_CHUNK_ELEMENTS = 1 << 24  # logits held at once while scoring the prompt (64 MiB in fp32)
+
+
+def score_chunk_elements(device: torch.device) -> int:
+    """Logits held at once while scoring the prompt: cache-sized on CPU, large on GPUs to keep kernels few."""
+    return 1 << 26 if device.type == "cuda" else 1 << 21
 
 
 def prefill_column_scores(
@@ -36,29 +40,40 @@ def prefill_column_scores(
     key: torch.Tensor,
     key_valid: torch.Tensor,
     scaling: float,
-    chunk_elements: int = SCORE_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     """s_j = sum over real queries i >= j of softmax_i(j), summed over each KV head's query group.
 
-    query ``[batch, heads, P, dim]``, key ``[batch, kv_heads, P, dim]``, key_valid ``[batch, P]`` (pads False).
-    Returns ``[batch, kv_heads, P]`` in fp32; pads score 0 and pad queries add nothing.
+    query ``[batch, heads, P, dim]``, key ``[batch, kv_heads, P, dim]``, key_valid ``[batch, P]`` (left padding,
+    pads False). Returns ``[batch, kv_heads, P]`` in fp32; pads score 0 and pad queries add nothing. Queries are
+    taken in chunks of ``chunk_elements`` logits; each chunk's rows are exponentiated in place and their
+    normalisation folded into the weights of one matrix-vector product, so a chunk costs a matmul, three passes
+    and a GEMV.
     """
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, length, dim)
-    keys_t = key[:, :, None].transpose(-1, -2)  # [batch, kv_heads, 1, dim, P]
-    scores = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=query.device)
+    groups = heads // kv_heads
+    grouped = (query * scaling).reshape(batch, kv_heads, groups, length, dim)
+    keys_t = key.transpose(-1, -2)[:, :, None]  # [batch, kv_heads, 1, dim, P]
+    scores = torch.zeros(batch, kv_heads, 1, length, dtype=torch.float32, device=query.device)
+    chunk_elements = chunk_elements or score_chunk_elements(query.device)
     chunk = max(1, chunk_elements // max(1, batch * heads * length))
     positions = torch.arange(length, device=query.device)
+    padded = not bool(key_valid.all())
+    row_weight = key_valid.float()  # pad queries count 0
     for start in range(0, length, chunk):
         end = min(length, start + chunk)
-        logits = torch.matmul(grouped[:, :, :, start:end], keys_t[..., :end]).float() * scaling
-        allowed = positions[None, :end] <= positions[start:end, None]  # causal, [chunk, end]
-        allowed = allowed[None, None, None] & key_valid[:, None, None, None, :end]
-        probs = torch.softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
-        probs = probs.masked_fill(~key_valid[:, None, None, start:end, None], 0.0)  # pad rows are all-masked: NaN
-        scores[..., :end] += probs.sum(dim=(2, 3))
-    return scores
+        logits = torch.matmul(grouped[:, :, :, start:end], keys_t[..., :end]).float()  # [b, kvh, g, n, end]
+        if padded:  # real queries never see pads; pad queries keep their (pad) keys so that no row is all -inf
+            blocked = ~key_valid[:, None, :end] & key_valid[:, start:end, None]
+            logits.masked_fill_(blocked[:, None, None], -math.inf)
+        future = positions[None, start:end] > positions[start:end, None]  # only the diagonal block has any
+        logits[..., start:end].masked_fill_(future, -math.inf)
+        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        weight = row_weight[:, None, None, start:end] / logits.sum(dim=-1)  # [b, kvh, g, n]
+        rows = logits.reshape(batch, kv_heads, groups * (end - start), end)
+        scores[..., :end] += torch.matmul(weight.reshape(batch, kv_heads, 1, -1), rows)
+    return scores[:, :, 0]
 
 
 def decode_row_probs(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
@@ -63,6 +63,13 @@ class _Plan:
     prompt_lengths: list[int]
     budgets: list[int]
     recents: list[int]
+    _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(budgets, recents) as [batch] tensors on `device`, made once: decode steps then need no host copies."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.tensor(self.budgets, device), self.tensor(self.recents, device))
+        return self._on_device[device]
 
     @property
     def batch_size(self) -> int:
@@ -197,7 +204,7 @@ class KVEvictionLayer(CacheLayerMixin):
         self.lazy_initialization(key_states, value_states)
         plan = self._source.bind(key_states.shape[0], key_states.shape[-2], key_states.device)
         self.keys, self.values = key_states, value_states
-        self.valid = plan.prompt_valid
+        self.valid = plan.prompt_valid.clone()
         self.length = plan.padded_length
         self.counts = list(plan.prompt_lengths)
         self.awaiting = "prefill"
@@ -261,10 +268,11 @@ class KVEvictionLayer(CacheLayerMixin):
         batch, heads, _ = self.scores.shape
         device = self.scores.device
         newest = (self._counts_t - 1).view(batch, 1).expand(batch, heads)
-        cutoff = (self.length - 1) - plan.tensor(plan.recents, device)  # newest position minus the recent window
+        budgets, recents = plan.on(device)
+        cutoff = (self.length - 1) - recents  # newest position minus the recent window
         candidates = self.valid[:, None, :] & (self.positions <= cutoff[:, None, None])
         victim = self.scores.masked_fill(~candidates, math.inf).argmin(dim=-1)
-        over_t = plan.tensor(over, device).bool()
+        over_t = self._counts_t > budgets  # the same as `over`, without a host-to-device copy
         victim = torch.where(over_t[:, None], victim, newest)  # under budget: move onto itself
         for name in ("keys", "values"):
             tensor = getattr(self, name)

@@ -98,7 +98,7 @@ def naive_column_scores(query, key, valid, scaling):
     return per_head.view(key.shape[0], key.shape[1], groups, length).sum(dim=2)
 
 
-@pytest.mark.parametrize("chunk_elements", [1, 200, 1 << 24])
+@pytest.mark.parametrize("chunk_elements", [1, 200, None])
 def test_prefill_column_scores_match_the_full_softmax(chunk_elements):
     torch.manual_seed(0)
     query, key = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8)
