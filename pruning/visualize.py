@@ -80,3 +80,52 @@ def plot_kept_patches(
     path.parent.mkdir(parents=True, exist_ok=True)
     grey_out_patches(pil_image, indices, grid_side).save(path)
     return path
+
+
+def tower_view(pixel_values: torch.Tensor, image_mean: Sequence[float], image_std: Sequence[float]) -> Image.Image:
+    """Undo the processor's normalisation: the [3, H, W] crop exactly as the tower saw it."""
+    mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
+    pixels = (pixel_values.detach().float().cpu() * std + mean).clamp(0, 1)
+    return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    """``python -m pruning.visualize --model-path P --image-file F --out DIR``: Fig. 3 and Fig. 6 for one image.
+
+    The one place in ``pruning`` that loads a model: the import of ``llava`` happens here, inside the command, so the
+    algorithms above stay independent of it.
+    """
+    import argparse
+
+    from llava.mm_utils import load_image, process_images
+    from llava.utils import add_model_args, load_from_args, quiet_transformers
+    from pruning.config import add_pruning_args, pruning_overrides
+
+    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--image-file", required=True)
+    parser.add_argument("--out", required=True, help="folder for curve.png and kept_patches.png")
+    add_pruning_args(parser)
+    args = parser.parse_args(argv)
+    overrides = pruning_overrides(args)
+    overrides.setdefault("visual_pruning", "longtail")
+    quiet_transformers()
+    _, model, processor, _ = load_from_args(args, overrides)
+    tower = model.get_vision_tower()
+    pixels = process_images([load_image(args.image_file)], processor, model.config)
+    if isinstance(pixels, list) or pixels.ndim != 4:
+        raise SystemExit("pruning.visualize shows one 336px crop; multi-crop (anyres) checkpoints are not supported")
+    with torch.no_grad():
+        out = tower.select(pixels.to(device=tower.device, dtype=tower.dtype), model.pruning_config)
+    n, inflection, kept = int(out.n[0]), int(out.inflection[0]), int(out.kept[0])
+    out_dir = Path(args.out)
+    curve = plot_similarity_curve(out.scores[0], inflection, kept, out_dir / "curve.png")
+    view = tower_view(pixels[0], processor.image_mean, processor.image_std)
+    patches = plot_kept_patches(view, out.indices[0][:kept], tower.num_patches_per_side, out_dir / "kept_patches.png")
+    print(f"n={n} i*={inflection} kept={kept} ({model.pruning_config.describe()})\nwrote {curve}\nwrote {patches}")
+    return [curve, patches]
+
+
+if __name__ == "__main__":
+    main()

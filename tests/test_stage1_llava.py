@@ -84,3 +84,41 @@ def test_gradients_reach_projector_through_the_selection(tiny_model, images):
     finally:
         model.zero_grad()
         model.set_pruning(PruningConfig(visual_layer=2))
+
+
+def test_visualize_command_writes_both_figures(tiny_ckpt, tmp_path):
+    from PIL import Image
+
+    from pruning import visualize
+    from tests.conftest import random_image
+
+    image = tmp_path / "scene.png"
+    random_image(5).save(image)
+    curve, patches = visualize.main(
+        [
+            "--model-path",
+            str(tiny_ckpt),
+            "--image-file",
+            str(image),
+            "--out",
+            str(tmp_path / "fig"),
+            "--device",
+            "cpu",
+            "--visual-pruning",
+            "topk",
+            "--visual-topk",
+            "16",
+        ]
+    )
+    assert curve.stat().st_size > 0
+    picture = Image.open(patches)
+    assert picture.size == (112, 112)
+    pixels = picture.convert("RGB").load()
+    # a pruned patch is pulled towards grey; with 16 of 64 kept most 14x14 cells must be greyish
+    greyish = sum(
+        1
+        for r in range(8)
+        for c in range(8)
+        if max(pixels[c * 14 + 7, r * 14 + 7]) - min(pixels[c * 14 + 7, r * 14 + 7]) < 60
+    )
+    assert greyish >= 40

@@ -104,6 +104,7 @@ class CLIPVisionTower(nn.Module):
                 pruning,
                 select_layer=self.select_layer,
                 select_feature=self.select_feature,
+                generator=self._random_generator(pruning),
             )
         return TowerOutput(
             features=selection.features.to(images.dtype),
@@ -120,6 +121,15 @@ class CLIPVisionTower(nn.Module):
         if isinstance(images, list):
             return [self.select(image.unsqueeze(0)).features[0] for image in images]
         return self.select(images).features
+
+    def _random_generator(self, pruning: PruningConfig) -> torch.Generator | None:
+        """One generator per seed, so the 'random' rule draws new patches for each batch but is reproducible."""
+        if pruning.visual_pruning != "random":
+            return None
+        if getattr(self, "_generator_seed", None) != pruning.seed:
+            self._generator = torch.Generator().manual_seed(pruning.seed)
+            self._generator_seed = pruning.seed
+        return self._generator
 
     # ---- properties ------------------------------------------------------------------------------------------
     @property
