@@ -211,6 +211,15 @@ def test_sampling_runs_with_eviction():
     assert cache.kv_lengths() == cache.budgets() == [4, 3]
 
 
+def test_several_samples_per_prompt_need_the_repeated_mask():
+    model = enable_kv_eviction(tiny_model("llama", 2))
+    ids, mask = left_padded([9, 6])
+    cache = KVEvictionCache(h2o(heavy_ratio=0.25, recent_ratio=0.25), mask.repeat_interleave(3, dim=0))
+    out = generate(model, ids, mask, cache, 5, do_sample=True, num_return_sequences=3)
+    assert out.sequences.shape == (6, 9 + 5)
+    assert cache.kv_lengths() == [4, 4, 4, 3, 3, 3]
+
+
 def test_beam_search_is_refused():
     model = enable_kv_eviction(tiny_model("llama", 2))
     ids, mask = left_padded([8])
