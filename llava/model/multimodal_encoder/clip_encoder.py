@@ -127,7 +127,7 @@ class CLIPVisionTower(nn.Module):
         if pruning.visual_pruning != "random":
             return None
         if getattr(self, "_generator_seed", None) != pruning.seed:
-            self._generator = torch.Generator(device=self.device).manual_seed(pruning.seed)
+            self._generator = torch.Generator().manual_seed(pruning.seed)  # the random rule draws on the CPU
             self._generator_seed = pruning.seed
         return self._generator
 
