@@ -1,0 +1,78 @@
+"""End to end on LLaVA-1.6: a POPE fixture in the official layout -> the shared runner on the tiny 1.6 Mistral
+checkpoint (conversation mode chosen from the checkpoint, stage 1 across crops) -> the POPE scorer -> a result JSON
+whose token means include the per-crop counts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from llava.eval import model_vqa_loader
+from llava.model.tiny import write_tiny_llava_next
+from tests.conftest import random_image
+
+SHORT = "\nAnswer the question using a single word or phrase."
+# (width, height): grids 2x1, 1x2, 3x1, 1x3, 2x2 and a small image
+SIZES = [(150, 100), (90, 170), (420, 60), (50, 330), (230, 220), (40, 30)]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _pope_fixture(root: Path) -> Path:
+    lines, qid = [], 1
+    for c, category in enumerate(("adversarial", "popular", "random")):
+        labels = []
+        for n, (thing, label) in enumerate([("dog", "yes"), ("car", "no")]):
+            image = f"COCO_val2014_{310196 + 10 * c + n:012d}.jpg"
+            (root / "val2014").mkdir(parents=True, exist_ok=True)
+            random_image(qid, SIZES[qid - 1]).save(root / "val2014" / image)
+            text = f"Is there a {thing} in the image?"
+            lines.append({"question_id": qid, "image": image, "text": text + SHORT, "category": category})
+            labels.append({"question_id": n + 1, "image": image, "text": text, "label": label})
+            qid += 1
+        _write_jsonl(root / "coco" / f"coco_pope_{category}.json", labels)
+    return _write_jsonl(root / "llava_pope_test.jsonl", lines)
+
+
+def test_pope_with_tiny_llava_16(tmp_path: Path) -> None:
+    from eval import pope
+
+    ckpt = write_tiny_llava_next(tmp_path / "llava-v1.6-mistral-7b-tiny", llm="mistral")
+    root = tmp_path / "pope"
+    questions = _pope_fixture(root)
+    answers = root / "answers" / "llava-v1.6-tiny.jsonl"
+    argv = ["--model-path", str(ckpt), "--question-file", str(questions), "--image-folder", str(root / "val2014")]
+    argv += ["--answers-file", str(answers), "--temperature", "0", "--max_new_tokens", "4", "--batch-size", "3"]
+    argv += ["--no-progress", "--visual-pruning", "longtail", "--crop-budget", "global"]
+    model_vqa_loader.main(argv)
+
+    rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["question_id"] for r in rows) == list(range(1, 7))
+    assert all(r["prompt"].endswith(SHORT) for r in rows)
+    crops = []
+    for row in rows:
+        tokens = row["tokens"]
+        crops.append(tokens["crops"][0])
+        assert len(tokens["crop_kept"]) == len(tokens["crop_inflection"]) == tokens["crops"][0]
+        assert 0 < tokens["visual_after"] < tokens["visual_before"]
+        assert tokens["visual_after"] - tokens["newlines"][0] <= sum(tokens["crop_kept"])
+    assert sorted(set(crops)) == [3, 4, 5]
+
+    result_json = root / "results" / "llava-v1.6-tiny.json"
+    pope.main(
+        ["--annotation-dir", str(root / "coco"), "--question-file", str(questions)]
+        + ["--result-file", str(answers), "--result-json", str(result_json)]
+    )
+    result = json.loads(result_json.read_text(encoding="utf-8"))
+    assert result["benchmark"] == "pope" and result["count"] == 6
+    assert math.isfinite(result["headline"])
+    for key in ("visual_before", "visual_after", "prompt", "crop_kept", "newlines"):
+        per_answer = [sum(v) if isinstance(v, list) else v for v in (r["tokens"][key] for r in rows)]
+        assert result["tokens"][key] == pytest.approx(sum(per_answer) / len(per_answer))
