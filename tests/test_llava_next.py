@@ -250,20 +250,26 @@ def test_pruned_layout_is_the_full_layout_minus_dropped_tokens(next_models, size
                 continue  # a newline: the row ended
             assert following != "end", "the last kept row must end with a newline"
             assert rows_full[following] == rows_full[position]
-        assert sum(extra["crop_kept"]) >= len(tokens) + base_kept  # unpad may drop kept tokens in padding
+        assert sum(extra["crop_kept"]) == len(tokens) + base_kept  # padding never competes: every kept token arrives
         assert extra["crops"] == crops.shape[0] == len(extra["crop_kept"]) == len(extra["crop_inflection"])
 
 
-def test_per_crop_budget_follows_each_crops_own_curve(next_models, sized_images):
+def test_per_crop_budget_follows_each_crops_own_curve_over_the_unpadded_patches(next_models, sized_images):
     _, model, processor, _ = next_models["vicuna"]
-    crops = process_images([sized_images[4]], processor, model.config)[0]
+    image = sized_images[4]  # 40x320 on a 1x3 grid: 8 patch columns per crop, the image covers the middle 4
+    crops = process_images([image], processor, model.config)[0]
     with torch.no_grad():
-        out = model.image_features([crops], [sized_images[4].size], LONGTAIL)
+        out = model.image_features([crops], [image.size], LONGTAIL)
+        topk = model.image_features(
+            [crops], [image.size], PruningConfig(visual_pruning="topk", visual_topk=40, visual_layer=2)
+        )
     extra = out.extra[0]
-    n = model.get_vision_tower().num_patches
-    expected = [min(n, max(1, math.ceil(i_star / 0.24 - 1e-9))) for i_star in extra["crop_inflection"]]
+    candidates = [64, 32, 32, 32]
+    expected = [min(c, max(1, math.ceil(i / 0.24 - 1e-9))) for c, i in zip(candidates, extra["crop_inflection"])]
     assert extra["crop_kept"] == expected
     assert out.inflection[0] == extra["crop_inflection"][0]  # the sample's i* is the base image's
+    assert topk.extra[0]["crop_kept"] == [40, 32, 32, 32]  # a grid crop cannot keep more than its unpadded part
+    assert topk.kept[0] == 40 + 3 * 32 + 24  # every kept token reaches the LLM; 24 rows, each with a newline
 
 
 def test_global_budget_pools_the_per_crop_budgets_over_the_best_tokens(next_models, sized_images):

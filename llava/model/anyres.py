@@ -95,19 +95,37 @@ def normalise_image_sizes(image_sizes, count: int) -> list[tuple[int, int]]:
 
 # ---- stage 1 over crops ------------------------------------------------------------------------------------------
 def select_crop_tokens(
-    tower, projector: nn.Module, crops: torch.Tensor, counts: Sequence[int], pruning: PruningConfig
+    tower,
+    projector: nn.Module,
+    crops: torch.Tensor,
+    counts: Sequence[int],
+    pruning: PruningConfig,
+    candidates: Sequence[torch.Tensor | None] | None = None,
 ) -> list[CropTokens]:
     """Run all crops of all images through the tower in one batch; return each image's kept, projected tokens.
 
     ``per_crop``: each crop is pruned on its own CLS curve (its own i* and k). ``global``: each crop's rule still
     sets its budget k_c, but the image keeps the sum of the k_c best tokens over all its crops, so salient crops
     take tokens from empty ones. The pooling never crosses images, so a batch gives what single images give.
+
+    ``candidates`` (one [n] bool mask per crop, None = every patch) are the patches that can reach the LLM: under
+    ``spatial_unpad`` the padding of the grid crops is cut away, so only the rest compete, and i* is taken on their
+    curve. Otherwise a crop could spend its budget on black padding that unpad then throws away.
     """
     if tower.select_feature != "patch":
         raise AnyresInputError(f"multi-crop images need mm_vision_select_feature 'patch', got {tower.select_feature!r}")
-    if pruning.visual_enabled and pruning.crop_budget == "global":
-        flat_features, flat_indices, kept, inflection = _select_global(tower, crops, counts, pruning)
+    candidates = list(candidates) if candidates is not None else [None] * crops.shape[0]
+    if len(candidates) != crops.shape[0]:
+        raise ValueError(f"got {len(candidates)} candidate masks for {crops.shape[0]} crops")
+    pooled = pruning.crop_budget == "global"
+    masked = any(c is not None for c in candidates)
+    if pruning.visual_enabled and (pooled or (masked and pruning.visual_mode == "select")):
+        flat_features, flat_indices, kept, inflection = _select_by_scores(
+            tower, crops, counts, pruning, candidates, pooled
+        )
     else:
+        # nothing pruned, or per-crop pruning where no padding must be avoided (or 'inside' mode, which decides
+        # inside the tower and so cannot see the padding: its kept padding tokens are dropped by unpad)
         out = tower.select(crops, pruning)
         flat_features, flat_indices = out.features[out.mask], out.indices[out.mask]  # [sum k, C], [sum k]
         kept, inflection = out.kept.tolist(), out.inflection.tolist()
@@ -123,7 +141,15 @@ def select_crop_tokens(
     return result
 
 
-def _select_global(tower, crops: torch.Tensor, counts: Sequence[int], pruning: PruningConfig):
+def _select_by_scores(
+    tower,
+    crops: torch.Tensor,
+    counts: Sequence[int],
+    pruning: PruningConfig,
+    candidates: Sequence[torch.Tensor | None],
+    pooled: bool,
+):
+    """Decide outside the tower: score every patch once, apply the rule to each crop's candidates, pick."""
     if pruning.visual_mode != "select":
         raise AnyresInputError(
             "crop_budget 'global' ranks tokens across crops after scoring them, which needs visual_mode 'select' "
@@ -131,18 +157,50 @@ def _select_global(tower, crops: torch.Tensor, counts: Sequence[int], pruning: P
         )
     full = tower.select(crops, pruning.merged(visual_pruning="none"))  # every patch, raster order, with scores
     num_crops, n = full.scores.shape
-    chosen = torch.zeros(num_crops, n, dtype=torch.bool, device=full.scores.device)
+    device = full.scores.device
+    chosen = torch.zeros(num_crops * n, dtype=torch.bool, device=device)  # crop-major flat positions
     inflection: list[int] = []
     start = 0
     for count in counts:
-        decision = apply_strategy(full.scores[start : start + count], pruning)
-        budget = int(decision.keep.sum())
-        order = torch.sort(decision.ranking.flatten(), descending=True, stable=True).indices[:budget]
-        chosen[start : start + count].view(-1)[order] = True
-        inflection.extend(decision.inflection.tolist())
+        rankings, positions, budget = [], [], 0
+        for crop in range(start, start + count):
+            mask = candidates[crop]
+            where = torch.arange(n, device=device) if mask is None else torch.nonzero(mask.to(device)).flatten()
+            if where.numel() == 0:  # an image so thin that unpad leaves nothing of this crop
+                inflection.append(0)
+                continue
+            decision = apply_strategy(full.scores[crop, where][None], pruning)
+            keep = int(decision.keep[0])
+            inflection.append(int(decision.inflection[0]))
+            if pooled:
+                rankings.append(decision.ranking[0])
+                positions.append(crop * n + where)
+                budget += keep
+            else:
+                best = torch.sort(decision.ranking[0], descending=True, stable=True).indices[:keep]
+                chosen[crop * n + where[best]] = True
+        if pooled and positions:
+            best = torch.sort(torch.cat(rankings), descending=True, stable=True).indices[:budget]
+            chosen[torch.cat(positions)[best]] = True
         start += count
-    positions = torch.arange(n, device=chosen.device).expand(num_crops, n)
-    return full.features[chosen], positions[chosen], chosen.sum(dim=1).tolist(), inflection
+    chosen = chosen.view(num_crops, n)
+    patch = torch.arange(n, device=device).expand(num_crops, n)
+    return full.features[chosen], patch[chosen], chosen.sum(dim=1).tolist(), inflection
+
+
+def crop_candidates(grid: tuple[int, int], side: int, image_size: tuple[int, int]) -> list[torch.Tensor | None]:
+    """Per grid crop, the [side * side] mask of patches inside the unpad window (None where a crop has no padding)."""
+    cols, rows = grid
+    row0, row1, col0, col1 = unpad_window(rows * side, cols * side, image_size)
+    y = torch.arange(side).repeat_interleave(side)  # patch row within the crop, raster order
+    x = torch.arange(side).repeat(side)
+    masks: list[torch.Tensor | None] = []
+    for crop in range(cols * rows):
+        row = (crop // cols) * side + y
+        col = (crop % cols) * side + x
+        mask = (row >= row0) & (row < row1) & (col >= col0) & (col < col1)
+        masks.append(None if bool(mask.all()) else mask)
+    return masks
 
 
 # ---- layout --------------------------------------------------------------------------------------------------------

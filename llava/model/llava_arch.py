@@ -17,6 +17,7 @@ from torch import nn
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.model.anyres import (
     assemble_image,
+    crop_candidates,
     crops_per_image,
     image_grid,
     merge_type_of,
@@ -174,10 +175,15 @@ class LlavaMetaForCausalLM:
         newline = getattr(model, "image_newline", None)
         if merge_type == "spatial_unpad" and newline is None:
             raise MultimodalInputError("mm_patch_merge_type 'spatial_unpad' needs the model's image_newline parameter")
-        selected = select_crop_tokens(tower, model.mm_projector, torch.cat(images), counts, pruning)
+        side = tower.num_patches_per_side
+        candidates: list = []
+        for count, grid, size in zip(counts, grids, sizes):
+            unpadded = merge_type == "spatial_unpad" and grid is not None
+            candidates += [None] + (crop_candidates(grid, side, size) if unpadded else [None] * (count - 1))
+        selected = select_crop_tokens(tower, model.mm_projector, torch.cat(images), counts, pruning, candidates)
         result = ImageFeatures(features=[], n=[], kept=[], inflection=[], extra=[])
         for tokens, grid, size in zip(selected, grids, sizes):
-            image = assemble_image(tokens, merge_type, tower.num_patches_per_side, grid, size, newline)
+            image = assemble_image(tokens, merge_type, side, grid, size, newline)
             result.features.append(image.features)
             result.n.append(image.full_length)
             result.kept.append(int(image.features.shape[0]))
