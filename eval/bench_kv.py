@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from pruning.config import PruningConfig
-from pruning.h2o import enable_kv_eviction
+from pruning.h2o import enable_kv_eviction, prefill_column_scores
 from pruning.kv_cache import KVEvictionCache
 
 
@@ -81,6 +81,20 @@ class Runner:
         self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
         return self.clock() - start
 
+    @torch.inference_mode()
+    def scoring_alone(self, length: int) -> float:
+        """The score accumulation of one prefill by itself, on random queries and keys of the model's shapes: the
+        part of the prefill overhead that grows with P, measured without the noise of the rest of the forward."""
+        config = self.model.config
+        head_dim = config.hidden_size // config.num_attention_heads
+        query = torch.randn(1, config.num_attention_heads, length, head_dim)
+        key = torch.randn(1, config.num_key_value_heads, length, head_dim)
+        valid = torch.ones(1, length, dtype=torch.bool)
+        start = self.clock()
+        for _ in range(config.num_hidden_layers):
+            prefill_column_scores(query, key, valid, head_dim**-0.5)
+        return self.clock() - start
+
     def decode(self, cache: DynamicCache | KVEvictionCache, steps: int) -> list[float]:
         token = torch.tensor([[7]])
         return [self.forward(token, cache) for _ in range(steps)]
@@ -130,12 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     run.forward(prompt, DynamicCache(config=model.config))  # warm-up
     prefill_runs: dict[str, list[float]] = {name: [] for name in variants}
+    scoring: list[float] = []
     for _ in range(args.repeats):
         for name, make in variants.items():
             prefill_runs[name].append(run.forward(prompt, make()))
+        scoring.append(run.scoring_alone(args.prompt))
     plain = prefill_runs["plain"]
     for name, values in prefill_runs.items():
         print(f"prefill {name:<28} {_times(values)}   overhead vs plain {_ratios(values, plain, -1)}")
+    print(f"prefill scoring alone, all layers  {_times(scoring)}   = {_ratios(scoring, plain, 0)} of the plain prefill")
 
     # -- decode: capped steady state vs plain caches of the same and of the full length, one step of each in turn
     capped = KVEvictionCache(paper, None)
@@ -165,10 +182,13 @@ def _times(values: list[float]) -> str:
 
 
 def _ratios(values: list[float], base: list[float], offset: int) -> str:
-    """Ratio of best times (robust to other processes on the machine) and of medians; offset -1 prints +x %."""
+    """Ratio of best times (robust to other processes on the machine) and of medians: offset -1 prints it as +x %,
+    0 as a percentage, 1 as a factor."""
     best, median = min(values) / min(base), statistics.median(values) / statistics.median(base)
     if offset == -1:
         return f"{best - 1:+.1%} (medians {median - 1:+.1%})"
+    if offset == 0:
+        return f"{best:.1%} (medians {median:.1%})"
     return f"x{best:.3f} (medians x{median:.3f})"
 
 
