@@ -308,7 +308,8 @@ def resolve_conv_mode(args: argparse.Namespace, benchmark: Benchmark, model_name
     return conv_mode
 
 
-def model_generate_fn(args: argparse.Namespace, conv_mode: str, tokenizer, model, image_processor) -> GenerateFn:
+def model_generate_fn(conv_mode: str, tokenizer, model, image_processor, **generation: Any) -> GenerateFn:
+    """The runner's view of a loaded model; ``generation`` holds generate_answers' decoding settings."""
     from llava.inference import build_prompt, generate_answers
 
     def generate(batch: list[Sample], images: list[Image.Image | None]) -> list[tuple[str, dict[str, Any]]]:
@@ -316,21 +317,20 @@ def model_generate_fn(args: argparse.Namespace, conv_mode: str, tokenizer, model
             build_prompt(s.text, conv_mode, num_images=int(image is not None), model_config=model.config)
             for s, image in zip(batch, images)
         ]
-        answers = generate_answers(
-            model,
-            tokenizer,
-            image_processor,
-            prompts,
-            images,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
+        answers = generate_answers(model, tokenizer, image_processor, prompts, images, **generation)
         return [(answer.text, answer.token_stats) for answer in answers]
 
     return generate
+
+
+def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
 
 
 def run_benchmark(benchmark: Benchmark, argv: list[str] | None = None, description: str | None = None) -> int:
@@ -364,7 +364,7 @@ def run_benchmark(benchmark: Benchmark, argv: list[str] | None = None, descripti
         f"pruning: {model.pruning_config.describe()}",
         file=sys.stderr,
     )
-    generate = model_generate_fn(args, conv_mode, tokenizer, model, image_processor)
+    generate = model_generate_fn(conv_mode, tokenizer, model, image_processor, **generation_settings(args))
     try:
         return run(
             samples,
