@@ -1,0 +1,654 @@
+"""Speed suite: prefill, decode, peak memory and throughput with and without pruning, as ratios from one process.
+
+    python -m eval.speed --llm-layers 2 --batch-sizes 1 4 8            # LLaVA-1.5-7B geometry, random weights
+    python -m eval.speed --model-path liuhaotian/llava-v1.5-7b         # any checkpoint load_pretrained_model loads
+
+Four rows, each timed at every batch size (see docs/speed.md for what they mean and for measured figures):
+
+* ``none``: no pruning.
+* ``topk``: fixed top-k with k = the mean count per crop that ``ours-s1`` keeps on the same images.
+* ``ours-s1``: stage 1, the long-tail rule. With ``--target-visual-tokens T`` (default 120 on random weights, the
+  count behind the paper's Table 6) alpha is calibrated so that the mean visual tokens per image is T; otherwise
+  the checkpoint's alpha is used.
+* ``ours-s12``: stage 1 + stage 2 (H2O KV eviction with the checkpoint's heavy/recent settings, paper 0.5/0.5).
+
+Every run is one ``model.generate`` call with exactly ``--new-tokens`` new tokens: prefill = from the call to the
+first logits (tower + projector + merge + LLM prefill; the split at the LLM's first forward is reported too), decode
+per token = the mean time between later logits, throughput = generated tokens / call time. Runs alternate between
+the rows so that drift hits them alike; we report medians, and ratios to ``none`` at the same batch size. The ideal
+speedup is the ratio of OPs: the vision tower and projector counted here, the LLM prefill by ``eval.roofline``
+(LLM-Viewer's count), each sample at its own prompt length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from eval.common import format_table
+from eval.roofline import prefill_cost
+from eval.speed_models import (
+    RowPlan,
+    Workload,
+    build_workload,
+    flatten_crops,
+    folder_images,
+    inflection_points,
+    plan_rows,
+    row_configs,
+    synthetic_images,
+)
+from pruning import PruningConfig
+
+ROWS = ("none", "topk", "ours-s1", "ours-s12")
+ROW_TITLES = {
+    "none": "no pruning",
+    "topk": "fixed top-k, same mean count",
+    "ours-s1": "ours, stage 1",
+    "ours-s12": "ours, stages 1+2",
+}
+PAPER_VISUAL_TOKENS = 120  # "Ours" in the paper's Table 6 (60 text tokens + 120 visual tokens)
+PAPER_TEXT_TOKENS = 60
+
+
+# ---- timing one generate call ---------------------------------------------------------------------------------
+
+
+class _StepClock(LogitsProcessor):
+    """Called once per generated token, right after the forward that produced its logits: a timestamp each."""
+
+    def __init__(self, sync: Callable[[], None]):
+        self.sync = sync
+        self.marks: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.sync()
+        self.marks.append(time.perf_counter())
+        return scores
+
+
+class MemoryMeter:
+    """Peak memory of one call: CUDA allocator statistics, or on CPU the process RSS sampled every ``interval`` s.
+
+    ``extra`` is the peak above the level at entry (activations, KV cache, temporaries; the weights are already
+    there). On CPU a sampler can miss a spike shorter than the interval; large tensors live much longer.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.interval = interval
+        self.peak: int | None = None
+        self.extra: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def rss() -> int | None:
+        statm = Path("/proc/self/statm")
+        if not statm.is_file():
+            return None
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak or 0, self.rss() or 0)
+
+    def __enter__(self) -> MemoryMeter:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = self.rss()
+            if self._base is not None:
+                self.peak = self._base
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak or 0, self.rss() or 0)
+        if self.peak is not None and self._base is not None:
+            self.extra = self.peak - self._base
+
+
+@dataclass
+class RunResult:
+    prefill_s: float  # call start -> first logits
+    vision_s: float  # call start -> the LLM's first forward (tower, projector, merge, cache setup)
+    llm_prefill_s: float  # the LLM's prefill forward (+ first-token sampling)
+    decode_s_per_token: float
+    total_s: float
+    throughput: float  # generated tokens per second, whole batch
+    peak_bytes: int | None
+    extra_bytes: int | None
+    token_stats: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _syncer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def run_once(model, inputs: tuple, pruning: PruningConfig, new_tokens: int) -> RunResult:
+    """One ``model.generate`` call producing exactly ``new_tokens`` tokens per sample, timed step by step."""
+    ids, mask, pixels, sizes = inputs
+    sync = _syncer(model.device)
+    clock = _StepClock(sync)
+    llm_starts: list[float] = []
+
+    def mark_llm_start(module, args) -> None:
+        sync()
+        llm_starts.append(time.perf_counter())
+
+    language_model = model.get_model() if hasattr(model, "get_model") else model.model
+    handle = language_model.register_forward_pre_hook(mark_llm_start)
+    try:
+        with MemoryMeter(model.device) as memory:
+            sync()
+            start = time.perf_counter()
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                images=pixels,
+                image_sizes=sizes,
+                pruning=pruning,
+                return_stats=True,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                pad_token_id=0,
+                logits_processor=LogitsProcessorList([clock]),
+            )
+            sync()
+            end = time.perf_counter()
+    finally:
+        handle.remove()
+    if len(clock.marks) != new_tokens or not llm_starts:
+        raise RuntimeError(
+            f"expected {new_tokens} decoding steps and an LLM forward, saw {len(clock.marks)} steps and "
+            f"{len(llm_starts)} forwards ({pruning.describe()})"
+        )
+    first, last = clock.marks[0], clock.marks[-1]
+    return RunResult(
+        prefill_s=first - start,
+        vision_s=llm_starts[0] - start,
+        llm_prefill_s=first - llm_starts[0],
+        decode_s_per_token=(last - first) / (new_tokens - 1),
+        total_s=end - start,
+        throughput=ids.shape[0] * new_tokens / (end - start),
+        peak_bytes=memory.peak,
+        extra_bytes=memory.extra,
+        token_stats=out.token_stats,
+    )
+
+
+# ---- ideal costs ------------------------------------------------------------------------------------------------
+
+
+def vision_ops(tower, crops: int, visual_layer: int) -> float:
+    """OPs (2 per multiply-add) of the tower layers stage 1 runs, on all 1+n tokens of every crop.
+
+    select_visual_tokens runs layers up to the later of the select layer and the scoring layer; norms, GELU and the
+    CLS scoring (a few matrix-vector products) are left out, as they are below 1 % of a layer.
+    """
+    cfg = tower.config
+    width, inner, patch = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size
+    patches = (cfg.image_size // patch) ** 2
+    tokens = patches + 1
+    select = tower.select_layer
+    select_index = select if select >= 0 else cfg.num_hidden_layers + 1 + select
+    layers = max(select_index, visual_layer)
+    per_layer = 2 * tokens * (4 * width * width + 2 * width * inner) + 4 * tokens * tokens * width
+    embedding = 2 * patches * 3 * patch * patch * width
+    return crops * (embedding + layers * per_layer)
+
+
+def projector_ops(projector: torch.nn.Module, tokens: int) -> float:
+    return tokens * sum(
+        2 * m.in_features * m.out_features for m in projector.modules() if isinstance(m, torch.nn.Linear)
+    )
+
+
+@dataclass
+class IdealCost:
+    vision: float
+    projector: float
+    llm: float
+    llm_seconds: float  # roofline time on --hardware
+
+    @property
+    def total(self) -> float:
+        return self.vision + self.projector + self.llm
+
+
+def ideal_cost(model, stats: list[dict[str, Any]], crops: list[int], visual_layer: int, hardware: str) -> IdealCost:
+    """Every sample at its own lengths (padding is waste, not work); LLM prefill by eval.roofline."""
+    llm_config = model.config.to_dict()
+    llm = [prefill_cost(llm_config, tokens=int(s["prompt"]), hardware=hardware) for s in stats]
+    return IdealCost(
+        vision=vision_ops(model.get_vision_tower(), sum(crops[: len(stats)]), visual_layer),
+        projector=sum(projector_ops(model.get_model().mm_projector, int(s["visual_after"])) for s in stats),
+        llm=sum(cost.ops for cost in llm),
+        llm_seconds=sum(cost.seconds for cost in llm),
+    )
+
+
+# ---- the suite ------------------------------------------------------------------------------------------------
+
+
+def _mean(stats: list[dict[str, Any]], key: str) -> float | None:
+    values = [s[key] for s in stats if isinstance(s.get(key), (int, float))]
+    return float(statistics.fmean(values)) if values else None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0 or numerator <= 0:
+        return None
+    return numerator / denominator
+
+
+def summarise(name: str, batch: int, runs: list[RunResult], ideal: IdealCost, config: PruningConfig) -> dict:
+    stats = runs[0].token_stats
+    extra = [r.extra_bytes for r in runs if r.extra_bytes is not None]
+    peak = [r.peak_bytes for r in runs if r.peak_bytes is not None]
+    return {
+        "config": name,
+        "batch": batch,
+        "pruning": config.describe(),
+        "visual_tokens": _mean(stats, "visual_after"),
+        "prompt_tokens": _mean(stats, "prompt"),
+        "kv_final": _mean(stats, "kv_final"),
+        "prefill_s": statistics.median(r.prefill_s for r in runs),
+        "vision_s": statistics.median(r.vision_s for r in runs),
+        "llm_prefill_s": statistics.median(r.llm_prefill_s for r in runs),
+        "decode_s_per_token": statistics.median(r.decode_s_per_token for r in runs),
+        "total_s": statistics.median(r.total_s for r in runs),
+        "throughput_tok_s": statistics.median(r.throughput for r in runs),
+        "peak_bytes": max(peak) if peak else None,
+        "extra_bytes": max(extra) if extra else None,
+        "ideal_ops": asdict(ideal) | {"total": ideal.total},
+        "repeats": [asdict(r) | {"token_stats": None} for r in runs],
+        "token_stats": stats,
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratios to the 'none' row of the same batch size: speedups for times, plain ratios for the rest."""
+    baseline = {row["batch"]: row for row in rows if row["config"] == "none"}
+    for row in rows:
+        base = baseline[row["batch"]]
+        measured = _ratio(base["prefill_s"], row["prefill_s"])
+        ideal = _ratio(base["ideal_ops"]["total"], row["ideal_ops"]["total"])
+        row["ratios"] = {
+            "prefill_speedup": measured,
+            "llm_prefill_speedup": _ratio(base["llm_prefill_s"], row["llm_prefill_s"]),
+            "decode_speedup": _ratio(base["decode_s_per_token"], row["decode_s_per_token"]),
+            "throughput_ratio": _ratio(row["throughput_tok_s"], base["throughput_tok_s"]),
+            "extra_memory_ratio": _ratio(row["extra_bytes"], base["extra_bytes"]),
+            "ideal_prefill_speedup": ideal,
+            "ideal_llm_prefill_speedup": _ratio(base["ideal_ops"]["llm"], row["ideal_ops"]["llm"]),
+            "ideal_llm_roofline_time_speedup": _ratio(
+                base["ideal_ops"]["llm_seconds"], row["ideal_ops"]["llm_seconds"]
+            ),
+            "prefill_vs_ideal": _ratio(measured, ideal),
+        }
+
+
+def batch_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Throughput at each batch size over throughput at the smallest, per row."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in ROWS:
+        mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["batch"])
+        if mine:
+            out[name] = {str(r["batch"]): _ratio(r["throughput_tok_s"], mine[0]["throughput_tok_s"]) for r in mine}
+    return out
+
+
+def headline(rows: list[dict[str, Any]], scaling: dict[str, dict[str, float | None]]) -> dict[str, Any]:
+    """The acceptance figures: ours-s1 vs none at the smallest batch, and largest-batch vs smallest throughput."""
+    smallest = min(r["batch"] for r in rows)
+    largest = str(max(r["batch"] for r in rows))
+    ours = next(r for r in rows if r["config"] == "ours-s1" and r["batch"] == smallest)
+    vs_ideal = ours["ratios"]["prefill_vs_ideal"]
+    return {
+        "batch": smallest,
+        "visual_tokens": ours["visual_tokens"],
+        "prefill_speedup": ours["ratios"]["prefill_speedup"],
+        "ideal_prefill_speedup": ours["ratios"]["ideal_prefill_speedup"],
+        "llm_prefill_speedup": ours["ratios"]["llm_prefill_speedup"],
+        "ideal_llm_prefill_speedup": ours["ratios"]["ideal_llm_prefill_speedup"],
+        "prefill_vs_ideal": vs_ideal,
+        "within_15_percent_of_ideal": vs_ideal is not None and abs(vs_ideal - 1) <= 0.15,
+        f"throughput_batch{largest}_vs_batch{smallest}": {name: s[largest] for name, s in scaling.items()},
+    }
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_suite(
+    model,
+    workload: Workload,
+    plans: dict[int, RowPlan],
+    repeats: int,
+    warmup: int,
+    new_tokens: int,
+    hardware: str,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Rows at every batch size, and the configuration of each row (per batch size: alpha and k may differ).
+
+    Warm-up runs every row ``warmup`` times at the smallest batch size before anything is timed: first calls pay
+    for thread pools, kernel selection and first-touch of the weights, which later shapes do not pay again.
+    """
+    _, crops = flatten_crops(workload.pixel_values)
+    base = model.pruning_config
+    rows, described = [], {}
+    smallest = min(plans)
+    for config in row_configs(base, plans[smallest]).values():
+        for _ in range(warmup):
+            run_once(model, workload.batch(smallest), config, new_tokens)
+    for batch, plan in plans.items():
+        configs = row_configs(base, plan)
+        inputs = workload.batch(batch)
+        for name, config in configs.items():
+            described.setdefault(name, {"title": ROW_TITLES[name], "pruning": {}})["pruning"][str(batch)] = (
+                config.describe()
+            )
+        runs: dict[str, list[RunResult]] = {name: [] for name in configs}
+        for repeat in range(repeats):
+            order = list(configs) if repeat % 2 == 0 else list(reversed(configs))
+            for name in order:
+                result = run_once(model, inputs, configs[name], new_tokens)
+                runs[name].append(result)
+                _log(f"batch {batch} repeat {repeat + 1}/{repeats} {name:<9} prefill {result.prefill_s:8.3f} s, "
+                     f"decode {1000 * result.decode_s_per_token:8.1f} ms/token")  # fmt: skip
+        for name, config in configs.items():
+            stats = runs[name][0].token_stats
+            ideal = ideal_cost(model, stats, crops, config.visual_layer, hardware)
+            rows.append(summarise(name, batch, runs[name], ideal, config))
+    add_ratios(rows)
+    return rows, described
+
+
+# ---- reports ----------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 2, scale: float = 1.0) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value * scale:.{digits}f}"
+
+
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    setup, rows = result["setup"], result["rows"]
+    lines = [
+        "# Speed suite",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Device: {setup['device']} ({setup['dtype']}, {setup['threads']} threads); model: {setup['model']}; "
+        f"{setup['text_tokens']} text tokens + 1 image per prompt; {setup['new_tokens']} new tokens per call; "
+        f"{setup['repeats']} timed repeat(s) per row and batch size after {setup['warmup']} warm-up run(s) per row "
+        f"at batch size {min(setup['batch_sizes'])}; medians.",
+        "",
+        f"Calibration: {setup['calibration_note']}",
+        "",
+    ]
+    header = ["Batch", "Row", "Visual tok", "Prompt", "KV final", "Prefill s", "Speedup", "Ideal",
+              "LLM prefill s", "LLM speedup", "LLM ideal", "Decode ms/tok", "Decode speedup", "Extra MB",
+              "Mem ratio", "Tok/s", "Tok/s ratio"]  # fmt: skip
+    table = []
+    for row in rows:
+        ratios = row["ratios"]
+        table.append([
+            row["batch"], row["config"], _fmt(row["visual_tokens"], 1), _fmt(row["prompt_tokens"], 1),
+            _fmt(row["kv_final"], 1), _fmt(row["prefill_s"], 3), _fmt(ratios["prefill_speedup"]),
+            _fmt(ratios["ideal_prefill_speedup"]), _fmt(row["llm_prefill_s"], 3),
+            _fmt(ratios["llm_prefill_speedup"]), _fmt(ratios["ideal_llm_prefill_speedup"]),
+            _fmt(row["decode_s_per_token"], 1, 1000), _fmt(ratios["decode_speedup"]), _mb(row["extra_bytes"]),
+            _fmt(ratios["extra_memory_ratio"]), _fmt(row["throughput_tok_s"]), _fmt(ratios["throughput_ratio"]),
+        ])  # fmt: skip
+    lines += [format_table(header, table), ""]
+    scaling = result["batch_scaling"]
+    sizes = sorted({row["batch"] for row in rows})
+    lines += [
+        "Throughput relative to batch size " + str(sizes[0]) + " (generated tokens per second):",
+        "",
+        format_table(["Row", *[f"batch {b}" for b in sizes]],
+                     [[name, *[_fmt(values.get(str(b))) for b in sizes]] for name, values in scaling.items()]),
+        "",
+    ]  # fmt: skip
+    head = result["headline"]
+    lines += [
+        f"Headline (batch {head['batch']}, ours-s1 at {_fmt(head['visual_tokens'], 1)} visual tokens): prefill "
+        f"speedup {_fmt(head['prefill_speedup'])} vs ideal {_fmt(head['ideal_prefill_speedup'])} "
+        f"(measured / ideal = {_fmt(head['prefill_vs_ideal'])}, within 15 %: {head['within_15_percent_of_ideal']}); "
+        f"LLM prefill alone {_fmt(head['llm_prefill_speedup'])} vs ideal {_fmt(head['ideal_llm_prefill_speedup'])}.",
+        "",
+    ]
+    table = []
+    for name, info in result["configs"].items():
+        settings = info["pruning"]
+        same = len(set(settings.values())) == 1
+        text = next(iter(settings.values())) if same else "; ".join(f"batch {b}: {d}" for b, d in settings.items())
+        table.append([f"`{name}`", info["title"], text])
+    lines += [
+        format_table(["Row", "Meaning", "Pruning"], table),
+        "",
+        "Speedup = time of `none` / time of the row, same batch size. Ideal = ratio of OPs (tower + projector + LLM "
+        "prefill, each sample at its own length; the LLM part is eval.roofline's count). Extra MB = peak memory "
+        "above the level at the start of the call (weights excluded).",
+        "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    sizes = sorted({row["batch"] for row in rows})
+    names = list(result["configs"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        mine = {row["batch"]: row for row in rows if row["config"] == name}
+        xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(sizes))]
+        speedups = [mine[b]["ratios"]["prefill_speedup"] or 0 for b in sizes]
+        ideals = [mine[b]["ratios"]["ideal_prefill_speedup"] or 0 for b in sizes]
+        bars = axes[0].bar(xs, speedups, width, label=name)
+        axes[0].scatter(xs, ideals, marker="_", s=300, color="black", zorder=3)
+        axes[1].bar(xs, [1000 * mine[b]["decode_s_per_token"] for b in sizes], width, color=bars[0].get_facecolor())
+        axes[2].plot(sizes, [mine[b]["throughput_tok_s"] for b in sizes], marker="o", label=name)
+    for axis, title in zip(axes[:2], ("prefill speedup vs none (black: ideal, OPs)", "decode ms / token")):
+        axis.set_xticks(range(len(sizes)), [f"batch {b}" for b in sizes])
+        axis.set_title(title)
+    axes[0].legend(fontsize=8)
+    axes[2].set_xlabel("batch size")
+    axes[2].set_xticks(sizes)
+    axes[2].set_title("throughput (generated tokens / s)")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"{result['setup']['model']} on {result['setup']['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+
+
+def calibration_note(plans: dict[int, RowPlan], n: int, target: float | None) -> str:
+    parts = [
+        f"batch {b}: mean i* {p.inflection_mean:.1f} of {n}, alpha {p.alpha} keeps {p.visual_tokens:.1f} per image, "
+        f"top-k k = {p.topk}" + ("" if p.reachable else " (target out of reach: mean i* above it)")
+        for b, p in plans.items()
+    ]
+    how = (
+        f"alpha calibrated per batch size so that ours keeps {target:g} visual tokens per image on average"
+        if target is not None
+        else "alpha from the checkpoint"
+    )
+    return f"{how}; the top-k row keeps ours' mean count per crop. " + "; ".join(parts) + "."
+
+
+def load_model(args: argparse.Namespace, device: str, dtype: torch.dtype):
+    """(model, image processor, description) from a checkpoint or a random-weight geometry."""
+    if args.model_path:
+        from llava.model.builder import load_pretrained_model
+
+        _, model, processor, _ = load_pretrained_model(
+            args.model_path, args.model_base, None, device=device, dtype=dtype, vision_tower=args.vision_tower
+        )
+        if processor is None:
+            raise ValueError(
+                f"--model-path {args.model_path} is a plain language model: the suite needs a vision tower"
+            )
+        return model, processor, f"checkpoint {args.model_path}"
+    from eval.speed_models import build_random_llava, get_geometry
+
+    geometry = get_geometry(args.geometry, args.llm_layers)
+    _, model, processor, _ = build_random_llava(geometry, device, dtype, args.seed, args.cls_logit_std)
+    layers = geometry.llm["num_hidden_layers"]
+    return model, processor, f"{geometry.name} geometry, random weights, {layers} LLM layers"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_argument_group("model (a checkpoint, or random weights on a real geometry)")
+    source.add_argument("--model-path", default=None, help="anything load_pretrained_model loads")
+    source.add_argument("--model-base", default=None)
+    source.add_argument("--vision-tower", default=None, help="local CLIP folder overriding mm_vision_tower")
+    source.add_argument("--geometry", default="llava-v1.5-7b", help="random-weight geometry (without --model-path)")
+    source.add_argument("--llm-layers", type=int, default=None, help="LLM depth of the random model (default: full)")
+    source.add_argument("--cls-logit-std", type=float, default=2.0, help="spread of the random CLS scores")
+    source.add_argument("--seed", type=int, default=0)
+    run = parser.add_argument_group("workload")
+    run.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    run.add_argument("--repeats", type=int, default=3, help="timed runs per row and batch size (median)")
+    run.add_argument("--warmup", type=int, default=1, help="untimed runs per row first, at the smallest batch size")
+    run.add_argument("--new-tokens", type=int, default=16, help="tokens generated per call (>= 2)")
+    run.add_argument("--text-tokens", type=int, default=PAPER_TEXT_TOKENS, help="text tokens per prompt (Table 6)")
+    run.add_argument("--target-visual-tokens", type=float, default=None,
+                     help=f"calibrate alpha to this mean (default {PAPER_VISUAL_TOKENS} with random weights, "
+                          "the checkpoint's alpha otherwise; 0 = keep alpha)")  # fmt: skip
+    run.add_argument("--image-folder", default=None, help="real images (default: synthetic shapes)")
+    run.add_argument("--image-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"))
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="default: fp16 on GPU")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--hardware", default="a100-40gb", help="eval.hardware preset for the roofline-time ideal")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default="output/speed", help="folder for speed.json, speed.md, speed.png")
+    out.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    args = parser.parse_args(argv)
+    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--batch-sizes and --repeats must be >= 1, --warmup >= 0")
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens must be >= 2 (decode time is measured between tokens), got {args.new_tokens}")
+    if args.text_tokens < 1:
+        parser.error(f"--text-tokens must be >= 1, got {args.text_tokens}")
+    if args.target_visual_tokens is not None and args.target_visual_tokens < 0:
+        parser.error(f"--target-visual-tokens must be >= 0, got {args.target_visual_tokens}")
+    if args.model_path is None and args.target_visual_tokens is None:
+        args.target_visual_tokens = float(PAPER_VISUAL_TOKENS)
+    if args.target_visual_tokens == 0:
+        args.target_visual_tokens = None
+    if not args.no_plot:
+        from importlib.util import find_spec
+
+        if find_spec("matplotlib") is None:
+            parser.error("the plot needs matplotlib (pip install matplotlib), or pass --no-plot")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = "python -m eval.speed " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    model, processor, description = load_model(args, args.device, dtype)
+    sizes = sorted(set(args.batch_sizes))
+    images = (
+        folder_images(args.image_folder, sizes[-1])
+        if args.image_folder
+        else synthetic_images(sizes[-1], tuple(args.image_size), args.seed)
+    )
+    workload = build_workload(model, processor, images, args.text_tokens, args.seed)
+    base = model.pruning_config
+    inflection, crops, n = inflection_points(model, workload, base)
+    plans = {b: plan_rows(inflection, crops, n, base, b, args.target_visual_tokens) for b in sizes}
+    for plan in plans.values():
+        _log(f"{description}; batch {plan.batch}: alpha {plan.alpha}, top-k {plan.topk}, "
+             f"{plan.visual_tokens:.1f} visual tokens per image expected")  # fmt: skip
+    rows, configs = run_suite(model, workload, plans, args.repeats, args.warmup, args.new_tokens, args.hardware)
+    scaling = batch_scaling(rows)
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
+    result = {
+        "suite": "speed",
+        "command": command,
+        "setup": {
+            "model": description,
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads() if model.device.type == "cpu" else None,
+            "torch": torch.__version__,
+            "text_tokens": args.text_tokens,
+            "new_tokens": args.new_tokens,
+            "batch_sizes": sizes,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "hardware": args.hardware,
+            "target_visual_tokens": args.target_visual_tokens,
+            "patches_per_crop": n,
+            "plans": {str(b): asdict(plan) for b, plan in plans.items()},
+            "calibration_note": calibration_note(plans, n, args.target_visual_tokens),
+        },
+        "configs": configs,
+        "rows": rows,
+        "batch_scaling": scaling,
+        "headline": headline(rows, scaling),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (out / "speed.md").write_text(markdown(result), encoding="utf-8")
+    if not args.no_plot:
+        plot(result, out / "speed.png")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

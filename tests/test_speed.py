@@ -1,0 +1,194 @@
+"""The speed suite in its minimal configuration (tiny models, one repeat): every row runs, every report is written,
+every ratio is present and finite. No timing is asserted; speed is measured by the command (docs/speed.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import pruning.kv_cache
+from eval import speed
+from eval.roofline import prefill_cost
+from eval.speed_models import (
+    build_random_llava,
+    build_workload,
+    choose_alpha,
+    flatten_crops,
+    get_geometry,
+    kept_per_crop,
+    plan_rows,
+    prompt_ids,
+    synthetic_images,
+)
+from llava.constants import IMAGE_TOKEN_INDEX
+from pruning import PruningConfig
+
+TIME_RATIOS = ("prefill_speedup", "llm_prefill_speedup", "decode_speedup", "throughput_ratio")
+# Stage 2 reaches generate through pruning.kv_cache.make_eviction_cache, which is being added (issue #7); until it
+# lands, the runs with the 'ours-s12' row fail with that ImportError, and only with it.
+STAGE2_PENDING = pytest.mark.xfail(
+    not hasattr(pruning.kv_cache, "make_eviction_cache"),
+    reason="stage 2 not wired into generate yet (pruning.kv_cache.make_eviction_cache)",
+    raises=ImportError,
+    strict=True,
+)
+IDEAL_RATIOS = ("ideal_prefill_speedup", "ideal_llm_prefill_speedup", "ideal_llm_roofline_time_speedup")
+
+
+def _run(model_path, out, *extra: str) -> dict:
+    argv = ["--model-path", str(model_path), "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "0"]
+    return speed.main([*argv, "--new-tokens", "3", "--text-tokens", "12", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    return out, _run(tiny_ckpt, out, "--target-visual-tokens", "30")
+
+
+@STAGE2_PENDING
+def test_writes_json_markdown_and_png(tiny_result):
+    out, result = tiny_result
+    assert json.loads((out / "speed.json").read_text()) == json.loads(json.dumps(result))
+    text = (out / "speed.md").read_text()
+    assert result["command"] in text and "| Batch | Row |" in text
+    for name in speed.ROWS:
+        assert f"`{name}`" in text
+    assert (out / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@STAGE2_PENDING
+def test_every_row_at_every_batch_size_with_finite_ratios(tiny_result):
+    _, result = tiny_result
+    rows = {(row["config"], row["batch"]): row for row in result["rows"]}
+    assert set(rows) == {(name, batch) for name in speed.ROWS for batch in (1, 2)}
+    for (name, _), row in rows.items():
+        for key in (*TIME_RATIOS, *IDEAL_RATIOS, "prefill_vs_ideal"):
+            value = row["ratios"][key]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, key, value)
+        assert len(row["repeats"]) == 1 and len(row["token_stats"]) == row["batch"]
+        if name == "none":
+            assert all(row["ratios"][key] == 1.0 for key in (*TIME_RATIOS, *IDEAL_RATIOS))
+    for name, scaling in result["batch_scaling"].items():
+        assert scaling["1"] == 1.0 and math.isfinite(scaling["2"]), name
+    assert math.isfinite(result["headline"]["prefill_speedup"])
+
+
+@STAGE2_PENDING
+def test_rows_keep_the_planned_counts(tiny_result):
+    """topk keeps ours' mean count; on LLaVA-1.5 the plan's prediction is exact; stage 2 caps the KV at P."""
+    _, result = tiny_result
+    rows = {(row["config"], row["batch"]): row for row in result["rows"]}
+    for batch in (1, 2):
+        plan = result["setup"]["plans"][str(batch)]
+        assert rows["none", batch]["visual_tokens"] == result["setup"]["patches_per_crop"] == 64
+        assert rows["ours-s1", batch]["visual_tokens"] == plan["visual_tokens"]
+        assert all(s["visual_after"] == plan["topk"] for s in rows["topk", batch]["token_stats"])
+        assert rows["ours-s12", batch]["visual_tokens"] == plan["visual_tokens"]
+        s1, s12 = rows["ours-s1", batch], rows["ours-s12", batch]
+        assert s1["kv_final"] == s1["prompt_tokens"] + 3  # P + G without eviction
+        assert s12["kv_final"] == s12["prompt_tokens"]  # budget = (0.5 + 0.5) * P
+        if plan["reachable"]:
+            assert abs(plan["visual_tokens"] - 30) <= 1.5
+
+
+@STAGE2_PENDING
+def test_ideal_ratio_is_the_roofline_ops_ratio(tiny_result, tiny_model):
+    _, result = tiny_result
+    config = tiny_model[1].config.to_dict()
+    rows = {(row["config"], row["batch"]): row for row in result["rows"]}
+    none, ours = rows["none", 1], rows["ours-s1", 1]
+    expected = (
+        prefill_cost(config, int(none["prompt_tokens"])).ops / prefill_cost(config, int(ours["prompt_tokens"])).ops
+    )
+    assert ours["ratios"]["ideal_llm_prefill_speedup"] == pytest.approx(expected)
+    # vision work is the same in every row ('select' mode), so the end-to-end ideal is diluted by it
+    assert 1 < ours["ratios"]["ideal_prefill_speedup"] < expected
+    assert ours["ideal_ops"]["vision"] == none["ideal_ops"]["vision"]
+
+
+def test_vision_ops_by_hand():
+    _, model, _, _ = build_random_llava(get_geometry("tiny"))
+    tokens, width, inner = 65, 32, 128  # 112 px / 14 = 8 x 8 patches + CLS
+    layer = 2 * tokens * (4 * width * width + 2 * width * inner) + 4 * tokens * tokens * width
+    embedding = 2 * 64 * 3 * 14 * 14 * width
+    # select layer -2 of 4 = hidden_states[3]: 3 layers run; a later scoring layer would extend that
+    assert speed.vision_ops(model.get_vision_tower(), crops=2, visual_layer=2) == 2 * (embedding + 3 * layer)
+    assert speed.vision_ops(model.get_vision_tower(), crops=1, visual_layer=4) == embedding + 4 * layer
+
+
+@STAGE2_PENDING
+def test_accepts_a_llava16_checkpoint(tmp_path):
+    from llava.model.tiny import write_tiny_llava_next
+
+    ckpt = write_tiny_llava_next(tmp_path / "llava-v1.6-mistral-tiny", seed=1, llm="mistral")
+    result = speed.main(
+        ["--model-path", str(ckpt), "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2",
+         "--text-tokens", "8", "--image-size", "200", "120", "--no-plot", "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    rows = {row["config"]: row for row in result["rows"]}
+    assert set(rows) == set(speed.ROWS)
+    assert len(rows["none"]["token_stats"][0]["crop_kept"]) > 1  # anyres: several crops per image
+    assert rows["ours-s1"]["visual_tokens"] < rows["none"]["visual_tokens"]
+    assert all(math.isfinite(rows[name]["ratios"]["prefill_speedup"]) for name in rows)
+    assert not (tmp_path / "out" / "speed.png").exists()
+
+
+def test_choose_alpha_hits_the_target_with_the_largest_alpha():
+    inflection = torch.tensor([10, 20])
+    alpha = choose_alpha(inflection, n=64, images=2, target=30)
+    # ceil(10/a) = 20 and ceil(20/a) = 40 for a in [0.5, 0.5128...): the largest 3-decimal alpha there is 0.512
+    assert alpha == 0.512
+    assert kept_per_crop(inflection, alpha, 64).tolist() == [20, 40]
+    assert choose_alpha(inflection, n=64, images=2, target=5) == 1.0  # below the mean i*: out of reach
+
+
+def test_plan_rows_per_batch_and_bad_targets():
+    inflection, crops, base = torch.tensor([10, 20, 40]), [1, 1, 1], PruningConfig(visual_pruning="longtail")
+    first = plan_rows(inflection, crops, 64, base, batch=1, target=30)
+    assert first.visual_tokens == 30 and first.topk == 30 and first.reachable
+    unreachable = plan_rows(inflection, crops, 64, base, batch=3, target=12)
+    assert unreachable.alpha == 1.0 and not unreachable.reachable
+    assert unreachable.visual_tokens == pytest.approx(70 / 3)
+    kept = plan_rows(inflection, crops, 64, base, batch=2, target=None)
+    assert kept.alpha == 0.24 and kept.visual_tokens == (42 + 64) / 2 and kept.topk == 53
+    with pytest.raises(ValueError, match="--target-visual-tokens 65"):
+        plan_rows(inflection, crops, 64, base, batch=1, target=65)
+
+
+def test_random_geometry_builds_the_requested_model():
+    geometry = get_geometry("tiny", llm_layers=3)
+    _, model, processor, context = build_random_llava(geometry, cls_logit_std=2.0)
+    assert len(model.get_model().layers) == model.config.num_hidden_layers == 3
+    assert model.get_vision_tower().num_patches == 64 and context == 2048
+    workload = build_workload(model, processor, synthetic_images(4, (160, 120)), text_tokens=10)
+    flat, crops = flatten_crops(workload.pixel_values)
+    assert flat.shape == (4, 3, 112, 112) and crops == [1, 1, 1, 1]
+    scores = model.get_vision_tower().select(flat, model.pruning_config).scores
+    spread = scores.log().std(dim=-1)
+    assert bool(((spread > 0.8) & (spread < 3.5)).all()), spread  # re-drawn q/k: a long tail, not a flat curve
+    with pytest.raises(ValueError, match="unknown geometry"):
+        get_geometry("llava-v9")
+    with pytest.raises(ValueError, match="llm_layers"):
+        get_geometry("tiny", llm_layers=0)
+
+
+def test_prompt_ids_are_text_plus_one_image_placeholder():
+    ids = prompt_ids(3, text_tokens=60, vocab_size=32000)
+    assert ids.shape == (3, 61) and (ids[:, 0] == 1).all()
+    assert ((ids == IMAGE_TOKEN_INDEX).sum(dim=1) == 1).all()
+    text = ids[ids != IMAGE_TOKEN_INDEX]
+    assert int(text.min()) >= 1 and int(text.max()) < 32000
+
+
+def test_random_weights_default_to_the_papers_count_and_bad_flags_fail(capsys):
+    assert speed.parse_args(["--no-plot"]).target_visual_tokens == speed.PAPER_VISUAL_TOKENS
+    assert speed.parse_args(["--no-plot", "--target-visual-tokens", "0"]).target_visual_tokens is None
+    assert speed.parse_args(["--model-path", "x", "--no-plot"]).target_visual_tokens is None
+    for bad in (["--new-tokens", "1"], ["--batch-sizes", "0"], ["--target-visual-tokens", "-3"]):
+        with pytest.raises(SystemExit):
+            speed.parse_args([*bad, "--no-plot"])
+        assert bad[0] in capsys.readouterr().err
