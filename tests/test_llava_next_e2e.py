@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,10 +44,15 @@ def _pope_fixture(root: Path) -> Path:
     return _write_jsonl(root / "llava_pope_test.jsonl", lines)
 
 
-def test_pope_with_tiny_llava_16(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory) -> Path:
+    return write_tiny_llava_next(tmp_path_factory.mktemp("tiny16") / "llava-v1.6-mistral-7b-tiny", llm="mistral")
+
+
+def test_pope_with_tiny_llava_16(tiny16: Path, tmp_path: Path) -> None:
     from eval import pope
 
-    ckpt = write_tiny_llava_next(tmp_path / "llava-v1.6-mistral-7b-tiny", llm="mistral")
+    ckpt = tiny16
     root = tmp_path / "pope"
     questions = _pope_fixture(root)
     answers = root / "answers" / "llava-v1.6-tiny.jsonl"
@@ -76,3 +84,27 @@ def test_pope_with_tiny_llava_16(tmp_path: Path) -> None:
     for key in ("visual_before", "visual_after", "prompt", "crop_kept", "newlines"):
         per_answer = [sum(v) if isinstance(v, list) else v for v in (r["tokens"][key] for r in rows)]
         assert result["tokens"][key] == pytest.approx(sum(per_answer) / len(per_answer))
+
+
+def test_v1_6_pope_script_picks_the_checkpoints_template_and_reuses_the_v1_5_pipeline(tiny16: Path, tmp_path: Path):
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "pope"
+    _pope_fixture(root)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "CONV_MODE")}
+    env.update(MODEL_PATH=str(tiny16), DATA_DIR=str(root), PYTHON=sys.executable, CKPT="tiny16")
+    env.update(PRUNING_ARGS="--visual-pruning longtail", BATCH_SIZE="3")
+    done = subprocess.run(
+        ["bash", str(repo / "scripts/v1_6/eval/pope.sh"), "--device", "cpu", "--max_new_tokens", "3", "--no-progress"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "conv mode mistral_instruct" in done.stderr  # llava_mistral config -> the Mistral template
+    assert "mean F1" in done.stdout
+    rows = [json.loads(line) for line in (root / "answers" / "tiny16.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["tokens"]["crop_kept"]) == r["tokens"]["crops"][0] for r in rows)
+    result = json.loads((root / "results" / "tiny16.json").read_text())
+    assert result["benchmark"] == "pope" and result["count"] == 6 and "crop_kept" in result["tokens"]
