@@ -3,7 +3,7 @@ into the token sequence.
 
 Differences from upstream, on purpose: images may keep different numbers of tokens per sample (stage 1), the merge
 re-pads left or right on request (left for generation, so batch > 1 works), and every merge reports per-sample
-token statistics.
+token statistics. LLaVA-1.6's multi-crop (anyres) images are laid out by llava/model/anyres.py.
 """
 
 from __future__ import annotations
