@@ -74,7 +74,10 @@ def test_every_row_at_every_batch_size_with_finite_ratios(tiny_result):
             assert all(row["ratios"][key] == 1.0 for key in (*TIME_RATIOS, *IDEAL_RATIOS))
     for name, scaling in result["batch_scaling"].items():
         assert scaling["1"] == 1.0 and math.isfinite(scaling["2"]), name
-    assert math.isfinite(result["headline"]["prefill_speedup"])
+    head = result["headline"]
+    assert set(head["ours_s1_prefill"]) == {"1", "2"}
+    assert all(math.isfinite(h["prefill_vs_ideal"]) for h in head["ours_s1_prefill"].values())
+    assert head["throughput_scaling"]["to"] == "2" and set(head["throughput_scaling"]) >= set(speed.ROWS)
 
 
 @STAGE2_PENDING
@@ -188,7 +191,8 @@ def test_random_weights_default_to_the_papers_count_and_bad_flags_fail(capsys):
     assert speed.parse_args(["--no-plot"]).target_visual_tokens == speed.PAPER_VISUAL_TOKENS
     assert speed.parse_args(["--no-plot", "--target-visual-tokens", "0"]).target_visual_tokens is None
     assert speed.parse_args(["--model-path", "x", "--no-plot"]).target_visual_tokens is None
-    for bad in (["--new-tokens", "1"], ["--batch-sizes", "0"], ["--target-visual-tokens", "-3"]):
+    bad_flags = (["--new-tokens", "1"], ["--batch-sizes", "0"], ["--target-visual-tokens", "-3"], ["--clock", "cpu"])
+    for bad in bad_flags:
         with pytest.raises(SystemExit):
-            speed.parse_args([*bad, "--no-plot"])
+            speed.parse_args([*bad, "--no-plot", "--device", "cuda" if bad[0] == "--clock" else "cpu"])
         assert bad[0] in capsys.readouterr().err
