@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from pruning import PruningConfig
+from pruning.h2o import enable_kv_eviction
+from pruning.kv_cache import KVEvictionCache
 
 
 @dataclass
@@ -29,6 +31,13 @@ def generated_lengths(sequences: torch.Tensor, eos_token_id) -> list[int]:
         hits = torch.isin(row, torch.tensor(eos, device=row.device)).nonzero() if eos else torch.empty(0)
         lengths.append(int(hits[0, 0]) + 1 if len(hits) else int(row.shape[0]))
     return lengths
+
+
+def final_kv_length(prompt: int, generated: int, budget: int | None) -> int:
+    """The paper's "total tokens": KV entries per layer once every token the sample read or wrote is in the cache,
+    i.e. min(P + G, budget) (the plain cache physically holds one less: the last token is never fed back)."""
+    total = prompt + generated
+    return total if budget is None else min(total, budget)
 
 
 class LlavaGenerationMixin:
@@ -65,9 +74,10 @@ class LlavaGenerationMixin:
         if pruning.kv_enabled:
             if kwargs.get("num_beams", 1) > 1:
                 raise ValueError("beam search is not supported with KV eviction (--kv-pruning h2o); use num_beams=1")
-            from pruning.kv_cache import make_eviction_cache
-
-            cache = make_eviction_cache(self, pruning, merged.attention_mask)
+            if "past_key_values" in kwargs:
+                raise ValueError("KV eviction builds its own cache; do not pass past_key_values with --kv-pruning h2o")
+            enable_kv_eviction(self)
+            cache = KVEvictionCache(pruning, merged.attention_mask)
             kwargs["past_key_values"] = cache
         out = super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
         if not return_stats:
@@ -76,11 +86,10 @@ class LlavaGenerationMixin:
         eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
         lengths = generated_lengths(sequences, eos)
         stats = []
+        budgets = cache.budgets() if cache is not None else [None] * len(lengths)
         for b, sample in enumerate(merged.token_stats):
             sample = dict(sample)
             sample["generated"] = lengths[b]
-            sample["kv_final"] = (
-                int(cache.final_kv_lengths(lengths)[b]) if cache is not None else sample["prompt"] + lengths[b]
-            )
+            sample["kv_final"] = final_kv_length(sample["prompt"], lengths[b], budgets[b])
             stats.append(sample)
         return LlavaGenerateOutput(sequences=sequences, token_stats=stats, raw=out)
