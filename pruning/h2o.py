@@ -6,8 +6,8 @@ registered wrapper that calls the original, and adds a forward pre-hook to each 
 wrapper the ``past_key_values`` of the call. Without a ``KVEvictionCache`` the wrapper is a plain pass-through.
 With one, it additionally computes:
 
-* at prefill, the column sums of the softmax probabilities, chunked over queries (memory O(heads x chunk x P), never
-  a P x P matrix for all heads);
+* at prefill, the column sums of the softmax probabilities, in blocks of heads x queries (never a P x P matrix for
+  all heads at once);
 * at each decode step, the single new row of probabilities;
 
 and, once a layer has evicted keys, replaces the model's mask by the cache's own slot mask (``[batch, 1, 1, slots]``
@@ -30,9 +30,11 @@ from pruning.kv_cache import KVEvictionCache, KVEvictionLayer
 PREFIX = "kv_eviction_"
 
 
-def score_chunk_elements(device: torch.device) -> int:
-    """Logits held at once while scoring the prompt: cache-sized on CPU, large on GPUs to keep kernels few."""
-    return 1 << 26 if device.type == "cuda" else 1 << 21
+def score_blocking(device: torch.device, kv_heads: int) -> tuple[int, int]:
+    """(logits per block, KV heads per block) for scoring the prompt. On CPU, one KV head at a time in cache-sized
+    blocks, so each block's keys are read once and its logits stay in cache; on GPUs, all heads in large blocks, so
+    that kernels are few."""
+    return (1 << 20, 1) if device.type == "cpu" else (1 << 26, kv_heads)
 
 
 def prefill_column_scores(
@@ -40,39 +42,43 @@ def prefill_column_scores(
     key: torch.Tensor,
     key_valid: torch.Tensor,
     scaling: float,
-    chunk_elements: int | None = None,
+    block_elements: int | None = None,
+    head_block: int | None = None,
 ) -> torch.Tensor:
     """s_j = sum over real queries i >= j of softmax_i(j), summed over each KV head's query group.
 
     query ``[batch, heads, P, dim]``, key ``[batch, kv_heads, P, dim]``, key_valid ``[batch, P]`` (left padding,
-    pads False). Returns ``[batch, kv_heads, P]`` in fp32; pads score 0 and pad queries add nothing. Queries are
-    taken in chunks of ``chunk_elements`` logits; each chunk's rows are exponentiated in place and their
-    normalisation folded into the weights of one matrix-vector product, so a chunk costs a matmul, three passes
-    and a GEMV.
+    pads False). Returns ``[batch, kv_heads, P]`` in fp32; pads score 0 and pad queries add nothing. The logits are
+    made one block of ``head_block`` KV heads x queries at a time (``block_elements`` logits at most, memory never
+    O(P^2) for all heads; defaults from ``score_blocking``); each block is exponentiated in place and its normalisation folded into the weights of one
+    matrix-vector product, so a block costs a matmul, three passes and a GEMV.
     """
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
+    default_elements, default_heads = score_blocking(query.device, kv_heads)
+    head_block = head_block or default_heads
+    queries = max(1, (block_elements or default_elements) // max(1, batch * head_block * groups * length))
     grouped = (query * scaling).reshape(batch, kv_heads, groups, length, dim)
     keys_t = key.transpose(-1, -2)[:, :, None]  # [batch, kv_heads, 1, dim, P]
     scores = torch.zeros(batch, kv_heads, 1, length, dtype=torch.float32, device=query.device)
-    chunk_elements = chunk_elements or score_chunk_elements(query.device)
-    chunk = max(1, chunk_elements // max(1, batch * heads * length))
     positions = torch.arange(length, device=query.device)
     padded = not bool(key_valid.all())
     row_weight = key_valid.float()  # pad queries count 0
-    for start in range(0, length, chunk):
-        end = min(length, start + chunk)
-        logits = torch.matmul(grouped[:, :, :, start:end], keys_t[..., :end]).float()  # [b, kvh, g, n, end]
-        if padded:  # real queries never see pads; pad queries keep their (pad) keys so that no row is all -inf
-            blocked = ~key_valid[:, None, :end] & key_valid[:, start:end, None]
-            logits.masked_fill_(blocked[:, None, None], -math.inf)
-        future = positions[None, start:end] > positions[start:end, None]  # only the diagonal block has any
-        logits[..., start:end].masked_fill_(future, -math.inf)
-        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-        weight = row_weight[:, None, None, start:end] / logits.sum(dim=-1)  # [b, kvh, g, n]
-        rows = logits.reshape(batch, kv_heads, groups * (end - start), end)
-        scores[..., :end] += torch.matmul(weight.reshape(batch, kv_heads, 1, -1), rows)
+    for h0 in range(0, kv_heads, head_block):
+        h1 = min(kv_heads, h0 + head_block)
+        for start in range(0, length, queries):
+            end = min(length, start + queries)
+            logits = torch.matmul(grouped[:, h0:h1, :, start:end], keys_t[:, h0:h1, ..., :end]).float()
+            if padded:  # real queries never see pads; pad queries keep their (pad) keys so that no row is all -inf
+                blocked = ~key_valid[:, None, :end] & key_valid[:, start:end, None]
+                logits.masked_fill_(blocked[:, None, None], -math.inf)
+            future = positions[None, start:end] > positions[start:end, None]  # only the diagonal block has any
+            logits[..., start:end].masked_fill_(future, -math.inf)
+            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+            weight = row_weight[:, None, None, start:end] / logits.sum(dim=-1)  # [batch, block, groups, queries]
+            rows = logits.reshape(batch, h1 - h0, groups * (end - start), end)
+            scores[:, h0:h1, :, :end] += torch.matmul(weight.reshape(batch, h1 - h0, 1, -1), rows)
     return scores[:, :, 0]
 
 
