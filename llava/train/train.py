@@ -87,10 +87,16 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
-def parse_args(argv: list[str] | None = None):
-    """(model_args, data_args, training_args, pruning overrides) from upstream's flags plus the pruning flags."""
+def build_parser() -> HfArgumentParser:
+    """Upstream's flags (the three dataclasses, --snake_case) plus the pruning flags every entry point takes."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     add_pruning_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    """(model_args, data_args, training_args, pruning overrides), with the combinations training cannot run refused."""
+    parser = build_parser()
     model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(args=argv)
     if data_args.on_bad_sample not in BAD_SAMPLE_POLICIES:
         parser.error(f"--on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {data_args.on_bad_sample!r}")

@@ -1,0 +1,260 @@
+"""LoRA fine-tuning of the tiny model in upstream's JSON format with stage 1 on: checkpoints that load, resuming,
+overfitting, where LoRA goes, merging."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.inference import build_prompt
+from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+from llava.train import train as train_module
+from llava.train.callbacks import NON_LORA_FILE
+from tests.conftest import random_image
+from tests.test_builder import _write_base_llm
+
+REPO = Path(__file__).resolve().parents[1]
+ANSWERS = ["A red circle.", "A blue square.", "Yes.", "No, there is nothing."]
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", NON_LORA_FILE, "tokenizer.model")
+
+
+def write_records(folder: Path, images: int, texts: int) -> list[dict]:
+    """Upstream's llava_v1_5_mix665k.json layout: image samples with <image>, text-only samples without 'image'."""
+    records = []
+    for i in range(images):
+        random_image(i, size=(60 + 13 * i, 90)).save(folder / f"{i:06d}.jpg")
+        turns = [
+            {"from": "human", "value": "What is shown in the image?\n<image>" if i % 2 else "<image>\nDescribe it."},
+            {"from": "gpt", "value": ANSWERS[i % len(ANSWERS)]},
+        ]
+        if i % 3 == 0:
+            turns += [{"from": "human", "value": "Is there a red circle?"}, {"from": "gpt", "value": "Yes."}]
+        records.append({"id": f"{i:012d}", "image": f"{i:06d}.jpg", "conversations": turns})
+    for i in range(texts):
+        records.append({"id": f"text-{i}", "conversations": [
+            {"from": "human", "value": "How many objects are there?"}, {"from": "gpt", "value": str(i)},
+            {"from": "human", "value": "Please answer yes or no."}, {"from": "gpt", "value": "No."},
+        ]})  # fmt: skip
+    return records
+
+
+def make_workspace(tiny_ckpt: Path, root: Path) -> dict[str, Path]:
+    """A Vicuna-like base LLM, the CLIP tower, a pretrained projector, images and a mixed data file."""
+    _, model, _, _ = load_pretrained_model(str(tiny_ckpt), None, None, device="cpu")
+    base = _write_base_llm(model, root / "vicuna-tiny")
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_ckpt / name, base / name)
+    adapter = root / "mm_projector.bin"
+    torch.save({f"model.mm_projector.{k}": v for k, v in model.get_model().mm_projector.state_dict().items()}, adapter)
+    images = root / "images"
+    images.mkdir()
+    data = root / "llava_tiny_mix.json"
+    data.write_text(json.dumps(write_records(images, images=8, texts=4)))
+    return {
+        "base": base,
+        "tower": tiny_ckpt.with_name(tiny_ckpt.name + "-clip"),
+        "adapter": adapter,
+        "images": images,
+        "data": data,
+        "llava": tiny_ckpt,
+    }
+
+
+def train_args(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(ws["base"]), "--version", "v1",
+        "--data_path", str(ws["data"]), "--image_folder", str(ws["images"]),
+        "--vision_tower", str(ws["tower"]), "--pretrain_mm_mlp_adapter", str(ws["adapter"]),
+        "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2",
+        "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16",
+        "--output_dir", str(out), "--report_to", "none", "--use_cpu", "True", "--disable_tqdm", "True",
+        "--dataloader_num_workers", "0", "--model_max_length", "512", "--logging_steps", "1", "--seed", "0",
+        "--visual-pruning", "longtail", "--alpha", "0.24", "--visual-layer", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
+    return make_workspace(tiny_ckpt, tmp_path_factory.mktemp("train"))
+
+
+def image_inputs(tokenizer, model, processor, seed: int = 3):
+    prompt = build_prompt("What is shown in the image?", "vicuna_v1", model_config=model.config)
+    ids = torch.tensor([tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX)])
+    return ids, process_images([random_image(seed)], processor, model.config)
+
+
+def loaded_logits(path: Path, base: Path | None) -> tuple[torch.Tensor, object]:
+    tokenizer, model, processor, _ = load_pretrained_model(str(path), str(base) if base else None, None, device="cpu")
+    ids, pixels = image_inputs(tokenizer, model, processor)
+    with torch.no_grad():
+        logits = model(ids, images=pixels).logits
+    out = model.generate(ids, images=pixels, max_new_tokens=4, do_sample=False, return_stats=True)
+    return logits, out
+
+
+SCHEDULE = ("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--mm_projector_lr", "2e-3",
+            "--group_by_modality_length", "True", "--gradient_checkpointing", "True")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(workspace, tmp_path_factory):
+    """One run of 6 optimizer steps with checkpoints at 3 and 6, and the trained model's own logits."""
+    out = tmp_path_factory.mktemp("run") / "llava-v1.5-tiny-lora"
+    trainer = train_module.train(argv=train_args(workspace, out, *SCHEDULE))
+    model = trainer.model.eval()
+    tokenizer, _, processor, _ = load_pretrained_model(str(workspace["llava"]), None, None, device="cpu")
+    ids, pixels = image_inputs(tokenizer, model.get_base_model(), processor)
+    with torch.no_grad():
+        logits = model(input_ids=ids, images=pixels).logits
+    return out, trainer.state, logits
+
+
+def test_every_checkpoint_has_the_llava_files_and_the_pruning_config(trained):
+    out, state, _ = trained
+    for folder in (out / "checkpoint-3", out / "checkpoint-6", out):
+        missing = [name for name in LORA_FILES if not (folder / name).is_file()]
+        assert not missing, f"{folder} lacks {missing}"
+        config = json.loads((folder / "config.json").read_text())
+        assert config["pruning"]["visual_pruning"] == "longtail" and config["pruning"]["visual_layer"] == 2
+        assert config["mm_vision_tower"] and config["image_aspect_ratio"] == "pad" and config["use_cache"] is True
+        keys = set(torch.load(folder / NON_LORA_FILE, weights_only=True))
+        assert keys == {f"base_model.model.model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    assert state.global_step == 6
+
+
+def test_stage1_prunes_during_training_and_is_logged(trained):
+    _, state, _ = trained
+    logged = [entry for entry in state.log_history if "visual_tokens_kept" in entry]
+    assert logged, "no step logged visual token counts"
+    for entry in logged:
+        assert entry["visual_tokens_before"] == 64  # (112 / 14)^2 patches of the tiny tower
+        assert 1 <= entry["visual_tokens_kept"] < 64
+
+
+def test_final_and_intermediate_checkpoints_load_with_the_base_and_generate(trained, workspace):
+    out, _, trained_logits = trained
+    final_logits, final = loaded_logits(out, workspace["base"])
+    torch.testing.assert_close(final_logits, trained_logits, atol=1e-4, rtol=1e-4)
+    middle_logits, middle = loaded_logits(out / "checkpoint-3", workspace["base"])
+    assert not torch.allclose(middle_logits, final_logits, atol=1e-3)
+    for generated in (final, middle):
+        assert generated.sequences.shape == (1, 4)
+        stats = generated.token_stats[0]
+        assert stats["visual_before"] == 64 and stats["visual_after"] < 64  # the trained pruning setting is loaded
+
+
+def test_resumed_run_continues_from_the_intermediate_step(trained, workspace, tmp_path, capsys):
+    out, state, _ = trained
+    resumed_out = tmp_path / "llava-v1.5-tiny-lora"
+    resumed_out.mkdir()
+    shutil.copytree(out / "checkpoint-3", resumed_out / "checkpoint-3")
+    capsys.readouterr()
+    resumed = train_module.train(argv=train_args(workspace, resumed_out, *SCHEDULE))  # finds checkpoint-3 itself
+    assert capsys.readouterr().out.count("{'loss'") == 3  # only steps 4-6 ran (each logged step is printed)
+    steps = [entry["step"] for entry in resumed.state.log_history if "loss" in entry]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 1-3 restored from the checkpoint's state, 4-6 trained now
+    assert resumed.state.global_step == 6
+    original = {e["step"]: e["loss"] for e in state.log_history if "loss" in e}
+    again = {e["step"]: e["loss"] for e in resumed.state.log_history if "loss" in e}
+    assert again == pytest.approx(original, rel=1e-5)
+    for name in ("adapter_model.safetensors", NON_LORA_FILE):
+        a = load_file(out / name) if name.endswith("safetensors") else torch.load(out / name, weights_only=True)
+        b = (
+            load_file(resumed_out / name)
+            if name.endswith("safetensors")
+            else torch.load(resumed_out / name, weights_only=True)
+        )
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_merge_script_writes_a_checkpoint_that_loads_without_the_base(trained, workspace, tmp_path):
+    out, _, _ = trained
+    spec = importlib.util.spec_from_file_location("merge_lora_weights", REPO / "scripts" / "merge_lora_weights.py")
+    merge_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_script)
+    merged = tmp_path / "llava-v1.5-tiny-merged"
+    merge_script.main(
+        ["--model-path", str(out), "--model-base", str(workspace["base"]), "--save-model-path", str(merged),
+         "--dtype", "float32"]
+    )  # fmt: skip
+    assert not (merged / "adapter_config.json").exists()
+    assert not any("vision_tower" in key for key in load_file(merged / "model.safetensors"))
+    merged_logits, _ = loaded_logits(merged, None)
+    lora_logits, _ = loaded_logits(out, workspace["base"])
+    torch.testing.assert_close(merged_logits, lora_logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(FileExistsError, match="not empty"):
+        merge_script.merge(str(out), str(workspace["base"]), merged)
+
+
+def test_overfitting_a_handful_of_samples_halves_the_loss_with_pruning_on(workspace, tmp_path):
+    data = tmp_path / "four.json"
+    data.write_text(json.dumps(json.loads(workspace["data"].read_text())[:4]))
+    trainer = train_module.train(
+        argv=train_args(
+            {**workspace, "data": data}, tmp_path / "overfit",
+            "--max_steps", "12", "--save_strategy", "no", "--per_device_train_batch_size", "4",
+            "--learning_rate", "3e-3", "--mm_projector_lr", "3e-3", "--lr_scheduler_type", "constant",
+            "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.0",
+        )
+    )  # fmt: skip
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 <= 0.5 * losses[0], losses
+    assert all(entry["visual_tokens_kept"] < 64 for entry in trainer.state.log_history if "visual_tokens_kept" in entry)
+
+
+def test_lora_sits_on_every_llm_linear_and_only_lora_and_projector_train(workspace, tmp_path):
+    args = train_module.parse_args(train_args(workspace, tmp_path / "x"))
+    model, tokenizer, pruning = train_module.build_model(*args[:3], args[3])
+    llava = model.get_base_model()
+    lora_modules = {name for name, module in llava.named_modules() if hasattr(module, "lora_A")}
+    layers = llava.config.num_hidden_layers
+    expected = {
+        f"model.layers.{i}.{block}.{proj}"
+        for i in range(layers)
+        for block, projs in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+        for proj in (f"{p}_proj" for p in projs)
+    }
+    assert lora_modules == expected
+    trainable = {name for name, p in llava.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if "lora_" in n or ".mm_projector." in n}
+    assert any(".mm_projector." in n for n in trainable)
+    assert not any(p.requires_grad for p in llava.get_vision_tower().parameters())
+    assert pruning.visual_pruning == "longtail" and llava.config.pruning["visual_layer"] == 2
+    assert tokenizer.pad_token == tokenizer.unk_token and tokenizer.padding_side == "right"
+
+
+def test_task_lora_from_a_llava_checkpoint_keeps_its_projector_trainable(workspace, tmp_path):
+    out = tmp_path / "llava-v1.5-tiny-task-lora"
+    args = [a for a in train_args(workspace, out) if a not in (str(workspace["adapter"]), "--pretrain_mm_mlp_adapter")]
+    args[args.index("--model_name_or_path") + 1] = str(workspace["llava"])
+    args[args.index("--vision_tower") : args.index("--vision_tower") + 2] = []  # the checkpoint names its tower
+    trainer = train_module.train(argv=[*args, "--max_steps", "2", "--save_strategy", "no"])
+    assert trainer.state.global_step == 2
+    _, generated = loaded_logits(out, workspace["llava"])
+    assert generated.sequences.shape == (1, 4)
+    _, tuned, _, _ = load_pretrained_model(str(out), str(workspace["llava"]), None, device="cpu")
+    _, base, _, _ = load_pretrained_model(str(workspace["llava"]), None, None, device="cpu")
+    for name in ("model.mm_projector.0.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert not torch.allclose(tuned.get_parameter(name), base.get_parameter(name)), f"{name} did not train"
+    assert torch.equal(tuned.get_parameter("lm_head.weight"), base.get_parameter("lm_head.weight"))
+
+
+def test_wandb_requested_but_missing_is_a_clear_error(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_module, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        train_module.parse_args([*train_args(workspace, tmp_path / "x"), "--report_to", "wandb"])
+    assert "pip install wandb" in capsys.readouterr().err
