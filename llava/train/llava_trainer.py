@@ -175,6 +175,8 @@ class LLaVATrainer(Trainer):
                 logs["visual_tokens_kept"] = round(kept / images, 2)
                 logs["visual_tokens_before"] = round(before / images, 2)
             self._visual_kept.zero_()
+            if torch.cuda.is_available():  # to check a memory estimate against (docs/training.md)
+                logs["max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         super().log(logs, start_time)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------

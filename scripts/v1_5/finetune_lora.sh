@@ -8,10 +8,11 @@
 #   NUM_GPUS=8 -> accumulation 4      NUM_GPUS=2 -> 16      NUM_GPUS=1 -> 32      (PER_DEVICE_BATCH=4)
 #   NUM_GPUS=8 PER_DEVICE_BATCH=16 on 80 GB cards -> accumulation 1 (upstream's 8x A100 setting)
 #
-# Memory per 24 GB GPU at PER_DEVICE_BATCH=4, ZeRO-3 over 4 GPUs (an estimate, derived in docs/training.md):
-#   frozen LLM shard 3.4 GB + tower shard 0.15 + LoRA/projector states 1.4 + ZeRO-3 gather buffers ~1
-#   + activations up to 6.2 (4 samples of 2048 tokens; ~2 at the data's typical length) + CUDA context ~1.5
-#   = ~14 GB worst case. Out of memory: PER_DEVICE_BATCH=2, or DEEPSPEED_CONFIG=./scripts/zero3_offload.json.
+# Memory per 24 GB GPU, ZeRO-3 over 4 GPUs, PER_DEVICE_BATCH=4 (an estimate, not a measurement; see docs/training.md):
+#   frozen LLM shard 3.1 GiB + tower shard 0.15 + LoRA/projector training state 1.4 + ZeRO-3 gather buffers ~1
+#   + activations up to 5.7 (4 samples of 2048 tokens; ~2 at ~700 tokens) + CUDA context/allocator ~1.5
+#   = ~13 GiB worst case (PER_DEVICE_BATCH=8: ~19 GiB). Training logs max_memory_allocated_gb to check it.
+#   Out of memory: PER_DEVICE_BATCH=2 (accumulation doubles), or DEEPSPEED_CONFIG=./scripts/zero3_offload.json.
 #
 # Settings are environment variables (defaults in brackets):
 #   MODEL_NAME_OR_PATH [lmsys/vicuna-7b-v1.5]          PRETRAIN_MM_MLP_ADAPTER [./checkpoints/...-pretrain/mm_projector.bin]
