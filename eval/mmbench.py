@@ -211,13 +211,23 @@ def local_accuracy(
     }
 
 
+def _xlsx_safe(text: str | None) -> str | None:
+    """Excel cells cannot hold most ASCII control characters; a model can emit them, so drop them."""
+    if text is None:
+        return None
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+    return ILLEGAL_CHARACTERS_RE.sub("", text)
+
+
 def write_submission(frame: pd.DataFrame, answers: dict[tuple[str, int], dict[str, Any]], path: Path) -> None:
     dropped = [c for c in frame.columns if c.lower() in DROPPED_COLUMNS]
     table = frame.drop(columns=dropped)
     predictions = []
     for index in frame["index"]:
         answer = answers.get((str(index), 0))
-        predictions.append(None if answer is None or answer.get("error") is not None else answer.get("text"))
+        text = None if answer is None or answer.get("error") is not None else answer.get("text")
+        predictions.append(_xlsx_safe(text))
     table.insert(min(6, len(table.columns)), "prediction", predictions)
     path.parent.mkdir(parents=True, exist_ok=True)
     table.to_excel(path, index=False, engine="openpyxl")

@@ -157,3 +157,11 @@ def test_bad_inputs_are_named(tmp_path):
     bad = write_tsv(tmp_path / "bad.tsv", [(9, ["x", "y"], "C", "c", "l")])
     with pytest.raises(EvalInputError, match="index 9: answer 'C' is not one of its option letters"):
         run(bad, write_answers(tmp_path / "d.jsonl", []))
+
+
+def test_control_characters_in_answers_do_not_break_the_xlsx(tmp_path):
+    tsv = write_tsv(tmp_path / "mmbench_test.tsv", ROWS, with_answer=False)
+    answers = write_answers(tmp_path / "ckpt.jsonl", [((1, 0), "A\u0006\u0000 dog")])
+    run(tsv, answers, "--upload-dir", str(tmp_path / "up"), "--experiment", "exp1")
+    upload = pd.read_excel(tmp_path / "up" / "exp1.xlsx")
+    assert upload.loc[upload["index"] == 1, "prediction"].item() == "A dog"
