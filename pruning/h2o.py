@@ -30,11 +30,20 @@ from pruning.kv_cache import KVEvictionCache, KVEvictionLayer
 PREFIX = "kv_eviction_"
 
 
-def score_blocking(device: torch.device, kv_heads: int) -> tuple[int, int]:
-    """(logits per block, KV heads per block) for scoring the prompt. On CPU, one KV head at a time in cache-sized
-    blocks, so each block's keys are read once and its logits stay in cache; on GPUs, all heads in large blocks, so
-    that kernels are few."""
-    return (1 << 20, 1) if device.type == "cpu" else (1 << 26, kv_heads)
+def score_blocking(
+    batch: int, kv_heads: int, groups: int, length: int, device: torch.device, block_elements: int | None = None
+) -> tuple[int, int]:
+    """(KV heads, queries) per block when scoring the prompt.
+
+    A block holds at most ``block_elements`` logits (2^20 on CPU, so that it stays in cache; 2^26 on GPUs, so that
+    kernels are few). Queries come in slices of at most P/8, since the keys after a slice's last query are skipped
+    but the triangle inside the slice is computed and thrown away; KV heads then fill the block.
+    """
+    elements = block_elements or (1 << 20 if device.type == "cpu" else 1 << 26)
+    row = batch * groups * length
+    queries = max(1, min(max(1, length // 8), elements // row))
+    heads = max(1, min(kv_heads, elements // (row * queries)))
+    return heads, queries
 
 
 def prefill_column_scores(
@@ -43,22 +52,19 @@ def prefill_column_scores(
     key_valid: torch.Tensor,
     scaling: float,
     block_elements: int | None = None,
-    head_block: int | None = None,
 ) -> torch.Tensor:
     """s_j = sum over real queries i >= j of softmax_i(j), summed over each KV head's query group.
 
     query ``[batch, heads, P, dim]``, key ``[batch, kv_heads, P, dim]``, key_valid ``[batch, P]`` (left padding,
     pads False). Returns ``[batch, kv_heads, P]`` in fp32; pads score 0 and pad queries add nothing. The logits are
-    made one block of ``head_block`` KV heads x queries at a time (``block_elements`` logits at most, memory never
-    O(P^2) for all heads; defaults from ``score_blocking``); each block is exponentiated in place and its normalisation folded into the weights of one
-    matrix-vector product, so a block costs a matmul, three passes and a GEMV.
+    made one block of KV heads x queries at a time (see ``score_blocking``; memory never O(P^2) for all heads);
+    each block is exponentiated in place and its normalisation folded into the weights of one matrix-vector
+    product, so a block costs a matmul, three passes and a GEMV.
     """
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    default_elements, default_heads = score_blocking(query.device, kv_heads)
-    head_block = head_block or default_heads
-    queries = max(1, (block_elements or default_elements) // max(1, batch * head_block * groups * length))
+    head_block, queries = score_blocking(batch, kv_heads, groups, length, query.device, block_elements)
     grouped = (query * scaling).reshape(batch, kv_heads, groups, length, dim)
     keys_t = key.transpose(-1, -2)[:, :, None]  # [batch, kv_heads, 1, dim, P]
     scores = torch.zeros(batch, kv_heads, 1, length, dtype=torch.float32, device=query.device)
