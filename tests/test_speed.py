@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-import pruning.kv_cache
 from eval import speed
 from eval.roofline import prefill_cost
 from eval.speed_models import (
@@ -27,14 +26,6 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from pruning import PruningConfig
 
 TIME_RATIOS = ("prefill_speedup", "llm_prefill_speedup", "decode_speedup", "throughput_ratio")
-# Stage 2 reaches generate through pruning.kv_cache.make_eviction_cache, which is being added (issue #7); until it
-# lands, the runs with the 'ours-s12' row fail with that ImportError, and only with it.
-STAGE2_PENDING = pytest.mark.xfail(
-    not hasattr(pruning.kv_cache, "make_eviction_cache"),
-    reason="stage 2 not wired into generate yet (pruning.kv_cache.make_eviction_cache)",
-    raises=ImportError,
-    strict=True,
-)
 IDEAL_RATIOS = ("ideal_prefill_speedup", "ideal_llm_prefill_speedup", "ideal_llm_roofline_time_speedup")
 
 
@@ -49,7 +40,6 @@ def tiny_result(tiny_ckpt, tmp_path_factory):
     return out, _run(tiny_ckpt, out, "--target-visual-tokens", "30")
 
 
-@STAGE2_PENDING
 def test_writes_json_markdown_and_png(tiny_result):
     out, result = tiny_result
     assert json.loads((out / "speed.json").read_text()) == json.loads(json.dumps(result))
@@ -60,7 +50,6 @@ def test_writes_json_markdown_and_png(tiny_result):
     assert (out / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@STAGE2_PENDING
 def test_every_row_at_every_batch_size_with_finite_ratios(tiny_result):
     _, result = tiny_result
     rows = {(row["config"], row["batch"]): row for row in result["rows"]}
@@ -80,7 +69,6 @@ def test_every_row_at_every_batch_size_with_finite_ratios(tiny_result):
     assert head["throughput_scaling"]["to"] == "2" and set(head["throughput_scaling"]) >= set(speed.ROWS)
 
 
-@STAGE2_PENDING
 def test_rows_keep_the_planned_counts(tiny_result):
     """topk keeps ours' mean count; on LLaVA-1.5 the plan's prediction is exact; stage 2 caps the KV at P."""
     _, result = tiny_result
@@ -98,7 +86,6 @@ def test_rows_keep_the_planned_counts(tiny_result):
             assert abs(plan["visual_tokens"] - 30) <= 1.5
 
 
-@STAGE2_PENDING
 def test_ideal_ratio_is_the_roofline_ops_ratio(tiny_result, tiny_model):
     _, result = tiny_result
     config = tiny_model[1].config.to_dict()
@@ -111,6 +98,13 @@ def test_ideal_ratio_is_the_roofline_ops_ratio(tiny_result, tiny_model):
     # vision work is the same in every row ('select' mode), so the end-to-end ideal is diluted by it
     assert 1 < ours["ratios"]["ideal_prefill_speedup"] < expected
     assert ours["ideal_ops"]["vision"] == none["ideal_ops"]["vision"]
+    # a batch of one has no padding; at batch 2 the padded figure counts both samples at the longer prompt
+    assert ours["ratios"]["ideal_padded_prefill_speedup"] == pytest.approx(ours["ratios"]["ideal_prefill_speedup"])
+    pair = rows["ours-s1", 2]
+    longest = max(s["prompt"] for s in pair["token_stats"])
+    assert pair["prompt_tokens_max"] == longest
+    assert pair["ideal_ops"]["llm_padded"] == pytest.approx(prefill_cost(config, longest, batch=2).ops)
+    assert pair["ideal_ops"]["llm_padded"] >= pair["ideal_ops"]["llm"]
 
 
 def test_vision_ops_by_hand():
@@ -123,7 +117,6 @@ def test_vision_ops_by_hand():
     assert speed.vision_ops(model.get_vision_tower(), crops=1, visual_layer=4) == embedding + 4 * layer
 
 
-@STAGE2_PENDING
 def test_accepts_a_llava16_checkpoint(tmp_path):
     from llava.model.tiny import write_tiny_llava_next
 
