@@ -1,7 +1,8 @@
 """Speed suite: prefill, decode, peak memory and throughput with and without pruning, as ratios from one process.
 
-    python -m eval.speed --llm-layers 2 --batch-sizes 1 4 8            # LLaVA-1.5-7B geometry, random weights
-    python -m eval.speed --model-path liuhaotian/llava-v1.5-7b         # any checkpoint load_pretrained_model loads
+    python -m eval.speed                                       # GPU: LLaVA-1.5-7B geometry, random weights, fp16
+    python -m eval.speed --model-path liuhaotian/llava-v1.5-7b # any checkpoint load_pretrained_model loads
+    python -m eval.speed --llm-layers 2 --dtype bfloat16 --threads 1 --clock cpu --new-tokens 8   # docs/speed.md (CPU)
 
 Four rows, each timed at every batch size (see docs/speed.md for what they mean and for measured figures):
 

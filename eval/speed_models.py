@@ -155,13 +155,23 @@ def build_random_llava(
     seed: int = 0,
     cls_logit_std: float = 2.0,
 ) -> tuple[None, LlavaLlamaForCausalLM, CLIPImageProcessorPil, int]:
-    """``(tokenizer, model, image_processor, context_len)`` like ``load_pretrained_model``; there is no tokenizer."""
+    """``(tokenizer, model, image_processor, context_len)`` like ``load_pretrained_model``; there is no tokenizer.
+
+    Parameters are created on ``device`` in ``dtype`` directly: a full 7B model drawn on the CPU in fp32 first would
+    take 28 GB and minutes.
+    """
     torch.manual_seed(seed)
     config = llava_config(geometry)
-    model = LlavaLlamaForCausalLM(config)
     vision_config = CLIPVisionConfig(**geometry.vision, attn_implementation="sdpa")
-    clip = CLIPVisionModel(vision_config)
-    sharpen_cls_scores(clip, geometry.visual_layer, cls_logit_std)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaLlamaForCausalLM(config)
+            clip = CLIPVisionModel(vision_config)
+            sharpen_cls_scores(clip, geometry.visual_layer, cls_logit_std)
+    finally:
+        torch.set_default_dtype(default_dtype)
     clip.requires_grad_(False)
     # the model built its CLIPVisionTower with delay_load; set what its load_model would set after reading a folder
     tower = model.get_vision_tower()
@@ -169,7 +179,7 @@ def build_random_llava(
     tower.image_processor = image_processor(geometry)
     tower.is_loaded = True
     model.set_pruning(PruningConfig.from_dict(config.pruning))
-    model.to(device=device, dtype=dtype).eval()
+    model.eval()
     return None, model, tower.image_processor, geometry.llm["max_position_embeddings"]
 
 
