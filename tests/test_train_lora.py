@@ -17,7 +17,7 @@ from llava.inference import build_prompt
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.train import train as train_module
-from llava.train.callbacks import NON_LORA_FILE
+from llava.train.callbacks import NON_LORA_FILE, non_lora_state
 from tests.conftest import random_image
 from tests.test_builder import _write_base_llm
 
@@ -244,9 +244,9 @@ def test_task_lora_from_a_llava_checkpoint_keeps_its_projector_trainable(workspa
     args[args.index("--vision_tower") : args.index("--vision_tower") + 2] = []  # the checkpoint names its tower
     trainer = train_module.train(argv=[*args, "--max_steps", "2", "--save_strategy", "no"])
     assert trainer.state.global_step == 2
-    _, generated = loaded_logits(out, workspace["llava"])
-    assert generated.sequences.shape == (1, 4)
-    _, tuned, _, _ = load_pretrained_model(str(out), str(workspace["llava"]), None, device="cpu")
+    tokenizer, tuned, processor, _ = load_pretrained_model(str(out), str(workspace["llava"]), None, device="cpu")
+    ids, pixels = image_inputs(tokenizer, tuned, processor)
+    assert tuned.generate(ids, images=pixels, max_new_tokens=4, do_sample=False).shape == (1, 4)
     _, base, _, _ = load_pretrained_model(str(workspace["llava"]), None, None, device="cpu")
     for name in ("model.mm_projector.0.weight", "model.layers.0.self_attn.q_proj.weight"):
         assert not torch.allclose(tuned.get_parameter(name), base.get_parameter(name)), f"{name} did not train"
@@ -258,3 +258,17 @@ def test_wandb_requested_but_missing_is_a_clear_error(workspace, tmp_path, monke
     with pytest.raises(SystemExit):
         train_module.parse_args([*train_args(workspace, tmp_path / "x"), "--report_to", "wandb"])
     assert "pip install wandb" in capsys.readouterr().err
+
+
+def test_a_frozen_projector_is_still_saved_with_the_adapter(workspace, tmp_path):
+    args = train_module.parse_args([*train_args(workspace, tmp_path / "x"), "--freeze_mm_mlp_adapter", "True"])
+    model, _, _ = train_module.build_model(*args[:3], args[3])
+    assert not any(p.requires_grad for p in model.get_base_model().get_model().mm_projector.parameters())
+    state = non_lora_state(model)
+    assert set(state) == {f"base_model.model.model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+
+
+def test_a_visual_layer_the_tower_lacks_fails_at_start_up(workspace, tmp_path):
+    args = train_module.parse_args([*train_args(workspace, tmp_path / "x"), "--visual-layer", "4"])
+    with pytest.raises(ValueError, match=r"--visual-layer 4 .* has 4 \(valid: 0\.\.3\)"):
+        train_module.build_model(*args[:3], args[3])

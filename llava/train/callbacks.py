@@ -44,8 +44,13 @@ def gathered(params: list[nn.Parameter]):
 
 
 def non_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters outside LoRA, on the CPU (collective under ZeRO-3: call it on every rank)."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad and not is_lora_name(name)]
+    """Trainable parameters outside LoRA, and the projector even when frozen (the base LLM has none), on the CPU.
+    Collective under ZeRO-3: call it on every rank."""
+    named = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if not is_lora_name(name) and (p.requires_grad or "mm_projector" in name)
+    ]
     with gathered([p for _, p in named]):
         return {name: p.detach().cpu().clone() for name, p in named}
 

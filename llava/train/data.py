@@ -247,7 +247,7 @@ class LazySupervisedDataset(Dataset):
     @property
     def modality_lengths(self) -> list[int]:
         """Word counts, negative for text-only records: what the modality-grouped sampler splits on."""
-        return [word_count(r) if "image" in r else -word_count(r) for r in self.records]
+        return [max(1, word_count(r)) * (1 if "image" in r else -1) for r in self.records]
 
     def sample_name(self, index: int) -> str:
         return f"sample {self.records[index].get('id', '<no id>')!r} (record {index} of {self.path})"

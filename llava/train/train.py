@@ -129,13 +129,23 @@ def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
     return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
 
 
-def register_scoring_layer_with_zero3(model: nn.Module, llava: nn.Module, pruning: PruningConfig) -> None:
-    """Stage 1 reads the weights of one tower layer directly (only its CLS row is computed), outside that layer's
+def scoring_layer(llava: nn.Module, pruning: PruningConfig) -> nn.Module:
+    """The tower layer whose CLS row stage 1 scores; checked at start-up rather than at the first step."""
+    clip = llava.get_vision_tower().vision_tower
+    layers = getattr(clip, "vision_model", clip).encoder.layers
+    if pruning.visual_layer >= len(layers):
+        raise ValueError(
+            f"--visual-layer {pruning.visual_layer} needs a vision tower with more than {pruning.visual_layer} layers; "
+            f"{llava.get_vision_tower().vision_tower_name} has {len(layers)} (valid: 0..{len(layers) - 1})"
+        )
+    return layers[pruning.visual_layer]
+
+
+def register_with_zero3(model: nn.Module, layer: nn.Module) -> None:
+    """Stage 1 reads the scoring layer's weights directly (only its CLS row is computed), outside that layer's
     forward; under ZeRO-3 they must be declared as used by the model's forward so DeepSpeed gathers them."""
     import deepspeed
 
-    clip = llava.get_vision_tower().vision_tower
-    layer = getattr(clip, "vision_model", clip).encoder.layers[pruning.visual_layer]
     for param in layer.parameters():
         deepspeed.zero.register_external_parameter(model, param)
 
@@ -205,8 +215,9 @@ def build_model(
     if model_args.vision_tower:
         llava.get_model().mm_projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
         llava.get_vision_tower().requires_grad_(False)
+        layer = scoring_layer(llava, config_pruning)
         if is_deepspeed_zero3_enabled():
-            register_scoring_layer_with_zero3(model, llava, config_pruning)
+            register_with_zero3(model, layer)
     return model, tokenizer, config_pruning
 
 
