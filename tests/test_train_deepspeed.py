@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,11 @@ def workspace(tiny_ckpt, tmp_path_factory):
 
 
 def launch(ws: dict[str, Path], out: Path, config: str) -> subprocess.CompletedProcess:
+    if find_spec("deepspeed") is None:
+        pytest.fail(
+            "DeepSpeed is not installed; on a CPU-only machine: "
+            "DS_BUILD_OPS=0 DS_ACCELERATOR=cpu pip install --no-build-isolation deepspeed==0.19.8"
+        )
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {
         "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
