@@ -23,7 +23,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -165,7 +165,7 @@ def build_model(
     training_args: TrainingArguments,
     pruning: dict,
     attn_implementation: str | None = None,
-):
+) -> tuple[nn.Module, PreTrainedTokenizerBase, PruningConfig]:
     """(model, tokenizer, pruning config): the LLM, tower + projector, LoRA; tower frozen, projector trainable."""
     dtype = compute_dtype(training_args)
     model = LlavaLlamaForCausalLM.from_pretrained(
@@ -221,7 +221,14 @@ def build_model(
     return model, tokenizer, config_pruning
 
 
-def build_dataset(model, tokenizer, model_args, data_args, training_args):
+def build_dataset(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+) -> tuple[LazySupervisedDataset, SupervisedCollator]:
+    """The lazy dataset and a collator whose dummy images match the tower's crop (for text-only samples)."""
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     tower = llava.get_vision_tower()
     processor = tower.image_processor if tower is not None else None
@@ -244,6 +251,8 @@ def build_dataset(model, tokenizer, model_args, data_args, training_args):
 
 
 def train(attn_implementation: str | None = None, argv: list[str] | None = None) -> LLaVATrainer:
+    """Parse the flags, build, train (continuing from the output folder's last checkpoint), save; returns the
+    trainer so callers (tests, notebooks) can inspect its state."""
     model_args, data_args, training_args, pruning = parse_args(argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
