@@ -74,3 +74,26 @@ def test_model_config_section_turns_stage_2_on(tiny_model, images):
         assert torch.is_tensor(model.get_model().embed_tokens.weight)
     finally:
         model.set_pruning(before)
+
+
+def test_several_sequences_per_prompt_with_eviction(tiny_model, images):
+    tokenizer, model, processor, _ = tiny_model
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    ids = torch.tensor([tokenizer_image_token(_prompts(model)[0], tokenizer, IMAGE_TOKEN_INDEX)])
+    pixels = process_images(images[:1], processor, model.config)
+    kv = PruningConfig(kv_pruning="h2o", heavy_ratio=0.2, recent_ratio=0.2, visual_layer=2)
+    torch.manual_seed(0)
+    out = model.generate(
+        ids,
+        images=pixels,
+        do_sample=True,
+        num_return_sequences=3,
+        max_new_tokens=4,
+        pruning=kv,
+        return_stats=True,
+        pad_token_id=0,
+    )
+    assert out.sequences.shape[0] == 3 and len(out.token_stats) == 3
+    assert len({s["prompt"] for s in out.token_stats}) == 1

@@ -77,7 +77,8 @@ class LlavaGenerationMixin:
             if "past_key_values" in kwargs:
                 raise ValueError("KV eviction builds its own cache; do not pass past_key_values with --kv-pruning h2o")
             enable_kv_eviction(self)
-            cache = KVEvictionCache(pruning, merged.attention_mask)
+            repeats = kwargs.get("num_return_sequences") or 1
+            cache = KVEvictionCache(pruning, merged.attention_mask.repeat_interleave(repeats, dim=0))
             kwargs["past_key_values"] = cache
         out = super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
         if not return_stats:
@@ -87,9 +88,10 @@ class LlavaGenerationMixin:
         lengths = generated_lengths(sequences, eos)
         stats = []
         budgets = cache.budgets() if cache is not None else [None] * len(lengths)
-        for b, sample in enumerate(merged.token_stats):
-            sample = dict(sample)
-            sample["generated"] = lengths[b]
-            sample["kv_final"] = final_kv_length(sample["prompt"], lengths[b], budgets[b])
+        per_sample = len(lengths) // len(merged.token_stats)  # num_return_sequences rows per sample
+        for row, length in enumerate(lengths):
+            sample = dict(merged.token_stats[row // per_sample])
+            sample["generated"] = length
+            sample["kv_final"] = final_kv_length(sample["prompt"], length, budgets[row])
             stats.append(sample)
         return LlavaGenerateOutput(sequences=sequences, token_stats=stats, raw=out)
