@@ -53,6 +53,11 @@ class MergedInputs:
     token_stats: list[dict[str, Any]]  # per sample: visual_before, visual_after, inflection, prompt
 
 
+def check_pruning_section(config) -> None:
+    """A bad ``pruning`` section must fail when the config is loaded, naming the setting."""
+    PruningConfig.from_dict(getattr(config, "pruning", None), source="model config")
+
+
 class LlavaMetaModel:
     """Mixin placed before the language model's base class (e.g. LlamaModel)."""
 
@@ -104,7 +109,44 @@ class LlavaMetaModel:
 
 
 class LlavaMetaForCausalLM:
-    """Mixin for the causal LM class: encoding images and merging them into the sequence."""
+    """Mixin for the causal LM class: encoding images and merging them into the sequence.
+
+    Place it before the language model's causal-LM class (e.g. LlamaForCausalLM): its ``forward`` merges the images
+    and hands everything else to that class's ``forward``.
+    """
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        images: torch.Tensor | list | None = None,
+        image_sizes: list | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ):
+        if inputs_embeds is None and images is not None:
+            (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = (
+                self.prepare_inputs_labels_for_multimodal(
+                    input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+                )
+            )
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
 
     def get_model(self):
         return self.model
