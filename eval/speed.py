@@ -530,17 +530,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
         xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(sizes))]
         speedups = [mine[b]["ratios"]["prefill_speedup"] or 0 for b in sizes]
         ideals = [mine[b]["ratios"]["ideal_prefill_speedup"] or 0 for b in sizes]
+        padded = [mine[b]["ratios"]["ideal_padded_prefill_speedup"] or 0 for b in sizes]
         bars = axes[0].bar(xs, speedups, width, label=name)
         axes[0].scatter(xs, ideals, marker="_", s=300, color="black", zorder=3)
+        axes[0].scatter(xs, padded, marker="_", s=300, color="grey", zorder=3)
         axes[1].bar(xs, [1000 * mine[b]["decode_s_per_token"] for b in sizes], width, color=bars[0].get_facecolor())
         axes[2].plot(sizes, [mine[b]["throughput_tok_s"] for b in sizes], marker="o", label=name)
-    for axis, title in zip(axes[:2], ("prefill speedup vs none (black: ideal, OPs)", "decode ms / token")):
+    titles = ("prefill speedup vs none (ideal OPs: black; padded batch: grey)", "decode ms / token")
+    for axis, title in zip(axes[:2], titles):
         axis.set_xticks(range(len(sizes)), [f"batch {b}" for b in sizes])
         axis.set_title(title)
     axes[0].legend(fontsize=8)
     axes[2].set_xlabel("batch size")
     axes[2].set_xticks(sizes)
-    axes[2].set_title("throughput (generated tokens / s)")
+    per = "CPU second" if result["setup"]["clock"] == "cpu" else "second"
+    axes[2].set_title(f"throughput (generated tokens per {per})")
     axes[2].legend(fontsize=8)
     fig.suptitle(f"{result['setup']['model']} on {result['setup']['device']}", fontsize=10)
     fig.tight_layout()
