@@ -439,12 +439,13 @@ def _mb(value: int | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     setup, rows = result["setup"], result["rows"]
+    threads = f"{setup['threads']} threads, " if setup["threads"] else ""
     lines = [
         "# Speed suite",
         "",
         f"Command: `{result['command']}`",
         "",
-        f"Device: {setup['device']} ({setup['dtype']}, {setup['threads']} threads, {setup['clock']} clock); "
+        f"Device: {setup['device']} ({setup['dtype']}, {threads}{setup['clock']} clock); "
         f"model: {setup['model']}; "
         f"{setup['text_tokens']} text tokens + 1 image per prompt; {setup['new_tokens']} new tokens per call; "
         f"{setup['repeats']} timed repeat(s) per row and batch size after {setup['warmup']} warm-up run(s) per row "
