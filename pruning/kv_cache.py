@@ -100,6 +100,8 @@ class KVEvictionLayer(CacheLayerMixin):
         self.length = 0  # logical length: padded prompt + tokens appended since
         self.counts: list[int] = []  # keys held per head, per sample
         self._counts_t: torch.Tensor | None = None  # same, on device (packed layers only)
+        self._rows: torch.Tensor | None = None  # arange(batch) and arange(kv_heads) for indexed writes (packed only)
+        self._heads: torch.Tensor | None = None
         self.awaiting: str | None = None  # "prefill" / "decode": update() ran, the attention scores have not
 
     # ---- CacheLayerMixin -----------------------------------------------------------------------------------
@@ -145,7 +147,9 @@ class KVEvictionLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.scores = self.positions = self.valid = self._counts_t = None
+        self.keys = self.values = self.scores = self.positions = self.valid = self._counts_t = self._rows = (
+            self._heads
+        ) = None
         self.is_initialized = self.packed = False
         self.length, self.counts, self.awaiting = 0, [], None
 
@@ -236,52 +240,55 @@ class KVEvictionLayer(CacheLayerMixin):
         order = (~keep).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]  # kept slots first
         if self.positions is None:
             self.positions = torch.arange(slots, device=device).expand(batch, heads, slots)
-        self.keys = self.keys.gather(2, order[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, order[..., None].expand(-1, -1, -1, self.values.shape[-1]))
-        self.scores = self.scores.gather(2, order)
-        self.positions = self.positions.gather(2, order)
+        self._rows = torch.arange(batch, device=device)
+        self._heads = torch.arange(heads, device=device)
+        index = (self._rows[:, None, None], self._heads[None, :, None], order)  # indexing: see _write_packed
+        self.keys, self.values = self.keys[index], self.values[index]
+        self.scores, self.positions = self.scores[index], self.positions[index]
         self._counts_t = torch.tensor(counts, dtype=torch.long, device=device)
         self.valid = torch.arange(width, device=device)[None, :] < self._counts_t[:, None]
         self.counts = list(counts)
         self.packed = True
 
     def _write_packed(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Put the new key in slot `count` of its sample, growing the tensors by one slot when some sample is full."""
+        """Put the new key in slot `count` of its sample, growing the tensors by one slot when some sample is full.
+
+        Writes use indexed assignment, not ``scatter_``: on CPU a half-precision ``scatter_`` copies the whole
+        destination tensor (22 ms per call for 8 x 32 x 269 x 128 bf16 keys, 0.04 ms indexed), a cost that grew with
+        the batch and made decode 2.4x slower than a plain cache at batch 8.
+        """
         if max(self.counts) == self.keys.shape[-2]:
             self.keys = _grow(self.keys, 2)
             self.values = _grow(self.values, 2)
             self.scores = _grow(self.scores, 2)
             self.positions = _grow(self.positions, 2)
             self.valid = _grow(self.valid, 1)
-        batch, heads = key_states.shape[:2]
-        slot = self._counts_t.view(batch, 1, 1).expand(batch, heads, 1)
-        self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, key_states.shape[-1]), key_states)
-        self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, value_states.shape[-1]), value_states)
-        self.scores.scatter_(2, slot, 0.0)
-        self.positions.scatter_(2, slot, self.length)
-        self.valid.scatter_(1, self._counts_t[:, None], True)
+        rows, slot = self._rows, self._counts_t
+        self.keys[rows, :, slot] = key_states[:, :, 0]
+        self.values[rows, :, slot] = value_states[:, :, 0]
+        self.scores[rows, :, slot] = 0.0
+        self.positions[rows, :, slot] = self.length
+        self.valid[rows, slot] = True
         self._counts_t += 1
 
     def _evict_one(self, over: list[bool]) -> None:
-        """For each over-budget sample and head, move the newest key into the slot of the lowest-scored old one."""
+        """For each over-budget sample and head, move the newest key into the slot of the lowest-scored old one.
+
+        One batched argmin and one indexed move per tensor for the whole batch; samples under budget move their
+        newest key onto itself. No host sync: `over` (host) and `over_t` (device) are the same, kept on both sides.
+        """
         plan = self._source.plan
-        batch, heads, _ = self.scores.shape
-        device = self.scores.device
-        newest = (self._counts_t - 1).view(batch, 1).expand(batch, heads)
-        budgets, recents = plan.on(device)
+        budgets, recents = plan.on(self.scores.device)
+        rows, heads = self._rows[:, None], self._heads[None, :]
+        newest = (self._counts_t - 1)[:, None].expand(-1, heads.shape[1])  # [batch, kv_heads]
         cutoff = (self.length - 1) - recents  # newest position minus the recent window
         candidates = self.valid[:, None, :] & (self.positions <= cutoff[:, None, None])
         victim = self.scores.masked_fill(~candidates, math.inf).argmin(dim=-1)
         over_t = self._counts_t > budgets  # the same as `over`, without a host-to-device copy
         victim = torch.where(over_t[:, None], victim, newest)  # under budget: move onto itself
-        for name in ("keys", "values"):
-            tensor = getattr(self, name)
-            dim = tensor.shape[-1]
-            moved = tensor.gather(2, newest[..., None, None].expand(-1, -1, 1, dim))
-            tensor.scatter_(2, victim[..., None, None].expand(-1, -1, 1, dim), moved)
-        for tensor in (self.scores, self.positions):
-            tensor.scatter_(2, victim[..., None], tensor.gather(2, newest[..., None]))
-        self.valid.scatter_(1, newest[:, :1], ~over_t[:, None])
+        for tensor in (self.keys, self.values, self.scores, self.positions):
+            tensor[rows, heads, victim] = tensor[rows, heads, newest]
+        self.valid[self._rows, newest[:, 0]] = ~over_t
         self._counts_t -= over_t.long()
         self.counts = [count - 1 if o else count for count, o in zip(self.counts, over)]
 

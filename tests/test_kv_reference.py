@@ -124,6 +124,8 @@ CASES = {
     "llama-mha-quarter": ("llama", 4, [16], h2o(heavy_ratio=0.25, recent_ratio=0.25), [(4, 4)]),
     "llama-gqa-absolute": ("llama", 2, [14], h2o(heavy_budget=3, recent_budget=2), [(3, 2)]),
     "llama-gqa-padded": ("llama", 2, [16, 11, 7], h2o(heavy_ratio=0.25, recent_ratio=0.25), [(4, 4), (3, 2), (2, 1)]),
+    # one budget for all: the short prompts start under it, so packed layers mix evicting and growing samples
+    "llama-gqa-absolute-padded": ("llama", 2, [14, 3, 8], h2o(heavy_budget=3, recent_budget=2), [(3, 2)] * 3),
     "mistral-gqa-half": ("mistral", 2, [12, 9], h2o(), [(6, 6), (5, 4)]),
     "llama-no-recent": ("llama", 4, [13, 10], h2o(heavy_ratio=0.5, recent_ratio=0.0), [(6, 0), (5, 0)]),
     "llama-recent-only": ("llama", 2, [12], h2o(heavy_ratio=0.0, recent_ratio=0.5), [(0, 6)]),
