@@ -2,6 +2,7 @@
 
     python -m eval.bench_kv                       # Vicuna-7B layer geometry, 2 layers, fp32 on CPU (a few minutes)
     python -m eval.bench_kv --layers 4 --prompt 2048 --generated 1024 4096
+    python -m eval.bench_kv --batch 8 --prompt 256 --dtype bfloat16    # left-padded batch, prompts 256 down to 144
 
 The model has Vicuna-7B's layer geometry (hidden 4096, 32 heads, MLP 11008) with random weights and a small vocabulary;
 only the relative figures are meaningful. Reported:
@@ -14,6 +15,11 @@ only the relative figures are meaningful. Reported:
   measured once right after the prompt; the plain caches are filled with random keys of the stated length
   (attention cost does not depend on the values);
 * KV memory: bytes held by each cache (the capped one counts its scores, positions and slot mask too).
+
+With ``--batch N`` the prompts are left padded to P and have different lengths (P, then evenly down to about P/2), so
+each sample has its own budget and the capped cache needs its slot mask; the plain caches carry the same left pads
+(their attention mask too). ``--dtype`` matters: half-precision kernels on CPU are not the fp32 ones (a bf16
+``scatter_`` once copied the whole K/V tensor per call, which only a bf16 batched run showed).
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ from pruning.config import PruningConfig
 from pruning.h2o import enable_kv_eviction, prefill_column_scores
 from pruning.kv_cache import KVEvictionCache
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-def build_model(layers: int, vocab: int, max_positions: int) -> LlamaForCausalLM:
+
+def build_model(layers: int, vocab: int, max_positions: int, dtype: str = "float32") -> LlamaForCausalLM:
     config = LlamaConfig(
         hidden_size=4096,
         num_attention_heads=32,
@@ -43,7 +51,7 @@ def build_model(layers: int, vocab: int, max_positions: int) -> LlamaForCausalLM
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    return enable_kv_eviction(LlamaForCausalLM(config).eval())
+    return enable_kv_eviction(LlamaForCausalLM(config).to(DTYPES[dtype]).eval())
 
 
 def cache_bytes(cache: DynamicCache | KVEvictionCache) -> int:
@@ -56,12 +64,25 @@ def cache_bytes(cache: DynamicCache | KVEvictionCache) -> int:
     return total
 
 
-def filled_plain_cache(model: LlamaForCausalLM, length: int) -> DynamicCache:
+def prompt_lengths(prompt: int, batch: int) -> list[int]:
+    """P for the first sample, then evenly down towards P/2: a batch whose samples all have their own budget."""
+    return [prompt - (i * prompt) // (2 * batch) for i in range(batch)]
+
+
+def left_padded_mask(lengths: list[int], width: int) -> torch.Tensor:
+    """[batch, width] long attention mask, ones at the right end of each row."""
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, width - length :] = 1
+    return mask
+
+
+def filled_plain_cache(model: LlamaForCausalLM, batch: int, length: int) -> DynamicCache:
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     cache = DynamicCache(config=config)
     for layer in range(config.num_hidden_layers):
-        keys = torch.randn(1, config.num_key_value_heads, length, head_dim)
+        keys = torch.randn(batch, config.num_key_value_heads, length, head_dim, dtype=model.dtype)
         cache.update(keys, torch.randn_like(keys), layer)
     return cache
 
@@ -76,34 +97,48 @@ class Runner:
         self.model, self.clock = model, clock
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: DynamicCache | KVEvictionCache) -> float:
+    def forward(
+        self, input_ids: torch.Tensor, cache: DynamicCache | KVEvictionCache, mask: torch.Tensor | None = None
+    ) -> float:
         start = self.clock()
-        self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        self.model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         return self.clock() - start
 
     @torch.inference_mode()
-    def scoring_alone(self, length: int) -> float:
+    def scoring_alone(self, valid: torch.Tensor) -> float:
         """The score accumulation of one prefill by itself, on random queries and keys of the model's shapes: the
         part of the prefill overhead that grows with P, measured without the noise of the rest of the forward."""
         config = self.model.config
         head_dim = config.hidden_size // config.num_attention_heads
-        query = torch.randn(1, config.num_attention_heads, length, head_dim)
-        key = torch.randn(1, config.num_key_value_heads, length, head_dim)
-        valid = torch.ones(1, length, dtype=torch.bool)
+        batch, length = valid.shape
+        query = torch.randn(batch, config.num_attention_heads, length, head_dim, dtype=self.model.dtype)
+        key = torch.randn(batch, config.num_key_value_heads, length, head_dim, dtype=self.model.dtype)
         start = self.clock()
         for _ in range(config.num_hidden_layers):
             prefill_column_scores(query, key, valid, head_dim**-0.5)
         return self.clock() - start
 
-    def decode(self, cache: DynamicCache | KVEvictionCache, steps: int) -> list[float]:
-        token = torch.tensor([[7]])
-        return [self.forward(token, cache) for _ in range(steps)]
+    def decode(
+        self, cache: DynamicCache | KVEvictionCache, steps: int, mask: torch.Tensor
+    ) -> tuple[list[float], torch.Tensor]:
+        """Feed `steps` tokens per sample; `mask` covers what the cache holds so far (its pads included), and comes
+        back with the new tokens appended, as ``generate`` would grow it."""
+        token = torch.full((mask.shape[0], 1), 7)
+        times = []
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            times.append(self.forward(token, cache, mask))
+        return times, mask
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (Vicuna-7B has 32)")
-    parser.add_argument("--prompt", type=int, default=1024, help="prompt length P")
+    parser.add_argument("--prompt", type=int, default=1024, help="prompt length P (of the longest sample)")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="left-padded prompts of lengths P, then evenly down towards P/2"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model and cache dtype")
     parser.add_argument("--generated", type=int, nargs="+", default=[1024, 4096], help="generated lengths G")
     parser.add_argument("--heavy-ratio", type=float, default=0.5)
     parser.add_argument("--recent-ratio", type=float, default=0.5)
@@ -116,59 +151,65 @@ def main(argv: list[str] | None = None) -> None:
         "--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time (robust to other jobs) or wall time"
     )
     args = parser.parse_args(argv)
-    for name in ("layers", "prompt", "steps", "repeats", "vocab", "threads"):
+    for name in ("layers", "prompt", "batch", "steps", "repeats", "vocab", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if min(args.generated) < 1:
         parser.error("--generated lengths must be >= 1")
     torch.set_num_threads(args.threads)
 
-    model = build_model(args.layers, args.vocab, args.prompt + max(args.generated) + args.steps + 8)
+    model = build_model(args.layers, args.vocab, args.prompt + max(args.generated) + args.steps + 8, args.dtype)
     run = Runner(model, CLOCKS[args.clock])
-    prompt = torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    lengths = prompt_lengths(args.prompt, args.batch)
+    prompt = torch.randint(3, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    mask = left_padded_mask(lengths, args.prompt)
     paper = PruningConfig(kv_pruning="h2o", heavy_ratio=args.heavy_ratio, recent_ratio=args.recent_ratio)
     evicting = PruningConfig(
         kv_pruning="h2o", heavy_ratio=args.prefill_evict_ratio, recent_ratio=args.prefill_evict_ratio
     )
     print(
-        f"# bench_kv: {args.layers} layers of Vicuna-7B geometry, fp32, {torch.get_num_threads()} threads, "
-        f"{args.clock} clock, "
-        f"P={args.prompt}, heavy/recent={args.heavy_ratio}/{args.recent_ratio}"
+        f"# bench_kv: {args.layers} layers of Vicuna-7B geometry, {args.dtype}, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock, batch {args.batch}, P={lengths}, heavy/recent={args.heavy_ratio}/{args.recent_ratio}"
     )
 
     # -- prefill, interleaved so that drift and other processes hit every variant alike
     variants = {
         "plain": lambda: DynamicCache(config=model.config),
-        f"h2o {args.heavy_ratio}/{args.recent_ratio}": lambda: KVEvictionCache(paper, None),
-        f"h2o {args.prefill_evict_ratio}/{args.prefill_evict_ratio} (evicts)": lambda: KVEvictionCache(evicting, None),
+        f"h2o {args.heavy_ratio}/{args.recent_ratio}": lambda: KVEvictionCache(paper, mask),
+        f"h2o {args.prefill_evict_ratio}/{args.prefill_evict_ratio} (evicts)": lambda: KVEvictionCache(evicting, mask),
     }
-    run.forward(prompt, DynamicCache(config=model.config))  # warm-up
+    run.forward(prompt, DynamicCache(config=model.config), mask)  # warm-up
     prefill_runs: dict[str, list[float]] = {name: [] for name in variants}
     scoring: list[float] = []
     for _ in range(args.repeats):
         for name, make in variants.items():
-            prefill_runs[name].append(run.forward(prompt, make()))
-        scoring.append(run.scoring_alone(args.prompt))
+            prefill_runs[name].append(run.forward(prompt, make(), mask))
+        scoring.append(run.scoring_alone(mask.bool()))
     plain = prefill_runs["plain"]
     for name, values in prefill_runs.items():
         print(f"prefill {name:<28} {_times(values)}   overhead vs plain {_ratios(values, plain, -1)}")
     print(f"prefill scoring alone, all layers  {_times(scoring)}   = {_ratios(scoring, plain, 0)} of the plain prefill")
 
     # -- decode: capped steady state vs plain caches of the same and of the full length, one step of each in turn
-    capped = KVEvictionCache(paper, None)
-    run.forward(prompt, capped)
-    run.decode(capped, 2)  # the first eviction (packing the layout) happens here, not in the timed steps
-    same = f"plain, {capped.layers[0].keys.shape[-2] - 1} tokens (same)"
-    caches = {"capped": capped, same: filled_plain_cache(model, capped.layers[0].keys.shape[-2] - 1)}
+    # The plain cache "of the same length" holds each sample's kept count, left padded to the capped slot width
+    # minus one (the capped layer's spare slot), with those pads masked; the P+G ones keep the prompt's pads.
+    capped = KVEvictionCache(paper, mask)
+    run.forward(prompt, capped, mask)
+    _, capped_mask = run.decode(capped, 2, mask)  # the first eviction (packing the layout) happens here, untimed
+    slots = capped.layers[0].keys.shape[-2]
+    same = f"plain, {slots - 1} tokens (same)"
+    caches = {"capped": capped, same: filled_plain_cache(model, args.batch, slots - 1)}
+    masks = {"capped": capped_mask, same: left_padded_mask(capped.kv_lengths(), slots - 1)}
     full = {g: f"plain, P+G = {args.prompt + g} tokens" for g in args.generated}
     for g, name in full.items():
-        caches[name] = filled_plain_cache(model, args.prompt + g)
+        caches[name] = filled_plain_cache(model, args.batch, args.prompt + g)
+        masks[name] = left_padded_mask([length + g for length in lengths], args.prompt + g)
     runs: dict[str, list[float]] = {name: [] for name in caches}
     for _ in range(args.steps * args.repeats):
         for name, cache in caches.items():
-            runs[name] += run.decode(cache, 1)
-    slots = capped.layers[0].keys.shape[-2]
-    print(f"decode: the capped cache holds {capped.kv_lengths()[0]} keys per head in {slots} slots")
+            times, masks[name] = run.decode(cache, 1, masks[name])
+            runs[name] += times
+    print(f"decode: the capped cache holds {capped.kv_lengths()} keys per head in {slots} slots")
     for name, cache in caches.items():
         print(f"decode {name:<32} {_times(runs[name])}   KV {cache_bytes(cache) / 2**20:8.1f} MiB")
     print(f"decode capped vs plain of the same length: time {_ratios(runs['capped'], runs[same], 1)}")
