@@ -20,6 +20,7 @@ from llava.model.builder import load_pretrained_model
 from llava.model.tiny import write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError
 from tests.conftest import random_image
+from tests.test_model_equivalence import copy_weights_into, expand_image_tokens
 
 CONV = {"vicuna": "vicuna_v1", "mistral": "mistral_instruct"}
 # (width, height): landscape, portrait, square, very wide (3x1 grid), very tall (1x3 grid), tiny
@@ -79,29 +80,9 @@ def to_transformers_llava_next(model) -> LlavaNextForConditionalGeneration:
         tie_word_embeddings=False,
     )
     hf = LlavaNextForConditionalGeneration(hf_cfg).eval()
-    hf.model.vision_tower.load_state_dict(tower.vision_tower.state_dict())
-    proj = model.get_model().mm_projector
-    hf.model.multi_modal_projector.linear_1.load_state_dict(proj[0].state_dict())
-    hf.model.multi_modal_projector.linear_2.load_state_dict(proj[2].state_dict())
+    copy_weights_into(model, hf)
     hf.model.image_newline.data = model.get_model().image_newline.data.clone()
-    lm_state = {
-        k: v
-        for k, v in model.get_model().state_dict().items()
-        if not k.startswith(("mm_projector", "vision_tower", "image_newline"))
-    }
-    embed = lm_state.pop("embed_tokens.weight")
-    lm_state["embed_tokens.weight"] = torch.cat([embed, torch.zeros(1, embed.shape[1])])
-    missing, unexpected = hf.model.language_model.load_state_dict(lm_state, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing)
-    hf.lm_head.weight.data = torch.cat([model.lm_head.weight.data, torch.zeros(1, cfg.hidden_size)])
     return hf
-
-
-def expand_image_tokens(ids: list[int], n_tokens: int, image_id: int) -> torch.Tensor:
-    out: list[int] = []
-    for token in ids:
-        out.extend([image_id] * n_tokens if token == IMAGE_TOKEN_INDEX else [token])
-    return torch.tensor([out])
 
 
 @pytest.mark.parametrize("llm", ["vicuna", "mistral"])

@@ -37,19 +37,28 @@ def to_transformers_llava(model) -> LlavaForConditionalGeneration:
         multimodal_projector_bias=True,
     )
     hf = LlavaForConditionalGeneration(hf_cfg).eval()
+    copy_weights_into(model, hf)
+    return hf
+
+
+def copy_weights_into(model, hf) -> None:
+    """Copy tower, projector and LLM weights of our model into a transformers LLaVA(-NeXT) model whose vocabulary has
+    one extra row (the image token)."""
+    tower = model.get_vision_tower()
     hf.model.vision_tower.load_state_dict(tower.vision_tower.state_dict())
     proj = model.get_model().mm_projector
     hf.model.multi_modal_projector.linear_1.load_state_dict(proj[0].state_dict())
     hf.model.multi_modal_projector.linear_2.load_state_dict(proj[2].state_dict())
     lm_state = {
-        k: v for k, v in model.get_model().state_dict().items() if not k.startswith(("mm_projector", "vision_tower"))
+        k: v
+        for k, v in model.get_model().state_dict().items()
+        if not k.startswith(("mm_projector", "vision_tower", "image_newline"))
     }
     embed = lm_state.pop("embed_tokens.weight")
     lm_state["embed_tokens.weight"] = torch.cat([embed, torch.zeros(1, embed.shape[1])])
     missing, unexpected = hf.model.language_model.load_state_dict(lm_state, strict=False)
     assert not unexpected and all("rotary" in k for k in missing)
-    hf.lm_head.weight.data = torch.cat([model.lm_head.weight.data, torch.zeros(1, cfg.hidden_size)])
-    return hf
+    hf.lm_head.weight.data = torch.cat([model.lm_head.weight.data, torch.zeros(1, model.config.hidden_size)])
 
 
 def expand_image_tokens(ids: list[int], n_tokens: int, image_id: int) -> torch.Tensor:
