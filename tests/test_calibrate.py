@@ -1,0 +1,127 @@
+"""pruning.calibrate: distributions per keep rule, the alpha that reaches a target mean count, and the command."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pruning.calibrate import alpha_for_mean, calibrate, distribution, image_names, kept_counts, main
+from pruning.config import PruningConfig
+from pruning.inflection import inflection_point
+
+
+def curves(batch: int = 12, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """Long-tail curves whose heads have different lengths (2..13 large scores per row)."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(batch, n, generator=generator) * 0.01
+    for row in range(batch):
+        head = 2 + row
+        scores[row, torch.randperm(n, generator=generator)[:head]] += 1.0
+    return scores
+
+
+def test_distribution_of_known_values() -> None:
+    stats = distribution(torch.tensor([1, 2, 3, 4, 5]))
+    assert stats["mean"] == 3 and stats["median"] == 3 and stats["min"] == 1 and stats["max"] == 5
+    with pytest.raises(ValueError, match="empty"):
+        distribution(torch.tensor([]))
+
+
+def test_alpha_for_mean_reaches_a_reachable_target() -> None:
+    scores = curves()
+    config = PruningConfig(visual_pruning="longtail")
+    target = 30.0
+    alpha, reached = alpha_for_mean(scores, target, config)
+    assert reached == pytest.approx(
+        kept_counts(scores, PruningConfig(visual_pruning="longtail", alpha=alpha)).double().mean().item()
+    )
+    # no other alpha on a fine grid gets closer to the target
+    grid = [a / 1000 for a in range(1, 1001)]
+    best = min(
+        abs(kept_counts(scores, PruningConfig(visual_pruning="longtail", alpha=a)).double().mean().item() - target)
+        for a in grid
+    )
+    assert abs(reached - target) <= best + 1e-9
+    # k = ceil(i*/alpha) by hand
+    inflection = inflection_point(scores)
+    by_hand = torch.tensor([min(64, math.ceil(i / alpha - 1e-9)) for i in inflection.tolist()], dtype=torch.float64)
+    assert by_hand.mean().item() == pytest.approx(reached)
+
+
+def test_literal_rule_grows_with_alpha() -> None:
+    scores = curves()
+    config = PruningConfig(visual_pruning="longtail")
+    alpha, reached = alpha_for_mean(scores, 4.0, config, rule="alpha_times")
+    assert 0 < alpha <= 1 and abs(reached - 4.0) < 1.5
+    with pytest.raises(ValueError, match="alpha only drives"):
+        alpha_for_mean(scores, 4.0, config, rule="topk")
+
+
+def test_report_rules_and_topk_at_the_same_mean() -> None:
+    scores = curves()
+    report = calibrate(scores, inflection_point(scores), PruningConfig(visual_pruning="longtail", alpha=0.24))
+    assert report["target_count"] == pytest.approx(127 * 64 / 576)
+    kept = report["kept"]
+    longtail_mean = kept["longtail (alpha=0.24)"]["mean"]
+    topk = next(name for name in kept if name.startswith("topk"))
+    assert kept[topk]["mean"] == round(longtail_mean) and kept[topk]["std"] == 0
+    assert kept["none"]["mean"] == 64
+    assert report["inflection"]["min"] >= 2
+
+
+def test_image_names_reads_both_formats(tmp_path: Path) -> None:
+    lines = tmp_path / "q.jsonl"
+    lines.write_text(
+        '{"question_id": 1, "image": "a.png"}\n{"question_id": 2, "image": "a.png"}\n{"question_id": 3, "image": "b.png"}\n'
+    )
+    listing = tmp_path / "q.json"
+    listing.write_text(json.dumps([{"id": "x", "image": "b.png"}, {"id": "y"}]))
+    assert image_names(lines) == ["a.png", "b.png"]
+    assert image_names(listing) == ["b.png"]
+    listing.write_text(json.dumps([{"id": "y"}]))
+    with pytest.raises(ValueError, match="no record names an image"):
+        image_names(listing)
+
+
+def test_command_on_a_tiny_checkpoint(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from llava.model.tiny import write_tiny_llava
+
+    model = write_tiny_llava(tmp_path / "tiny", seed=0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for index in range(3):
+        pixels = (torch.rand(112, 112, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"question_id": i, "image": f"{i}.png", "text": "?"}) + "\n" for i in range(3))
+    )
+    out = tmp_path / "calibration.json"
+    report = main(
+        [
+            "--model-path",
+            str(model),
+            "--question-file",
+            str(questions),
+            "--image-folder",
+            str(folder),
+            "--device",
+            "cpu",
+            "--target-count",
+            "10",
+            "--output-json",
+            str(out),
+        ]
+    )
+    assert report["images"] == 3 and report["n"] == 64
+    assert json.loads(out.read_text())["alpha_for_target"] == report["alpha_for_target"]
+    assert "i*" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="images missing"):
+        main(["--model-path", str(model), "--question-file", str(questions), "--image-folder", str(tmp_path)])
