@@ -3,7 +3,7 @@
     python -m eval.synthetic --out playground/data/synthetic/test --split test --num-images 200 --seed 1
 
 Why: with no real weights or data, this is the one place where the paper's claim can be checked end to end. The
-objects are few, saturated and small (each about 1-4 % of the image); the background is desaturated texture and
+objects are few, saturated and small (each about 2-6 % of the image); the background is desaturated texture and
 grey clutter, so the tokens that matter are a small known set (the object masks) and a pruning rule can be judged
 by whether it keeps them.
 
@@ -111,9 +111,9 @@ def _shape_mask(shape: str, box: tuple[int, int, int, int]) -> Image.Image:
 
 
 def _place(rng: np.random.Generator, taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int] | None:
-    """A square box 40-68 px that keeps 8 px away from the boxes already placed (None after 50 tries)."""
+    """A square box 52-84 px that keeps 8 px away from the boxes already placed (None after 50 tries)."""
     for _ in range(50):
-        side = int(rng.integers(40, 69))
+        side = int(rng.integers(52, 85))
         x0, y0 = (int(v) for v in rng.integers(4, IMAGE_SIZE - side - 4, size=2))
         box = (x0, y0, x0 + side, y0 + side)
         if all(box[0] >= b[2] + 8 or b[0] >= box[2] + 8 or box[1] >= b[3] + 8 or b[1] >= box[3] + 8 for b in taken):

@@ -119,6 +119,41 @@ def calibrate(
     }
 
 
+def patches_on_objects(mask: torch.Tensor, grid_side: int) -> torch.Tensor:
+    """[grid_side**2] bool in raster order: which patches overlap an object of ``mask`` [H, W] (non-zero = object)."""
+    height, width = mask.shape
+    if height % grid_side or width % grid_side:
+        raise ValueError(f"a {height}x{width} mask does not split into a {grid_side}x{grid_side} patch grid")
+    cells = (mask != 0).reshape(grid_side, height // grid_side, grid_side, width // grid_side)
+    return cells.any(dim=3).any(dim=1).flatten()
+
+
+def object_concentration(kept: list[torch.Tensor], masks: list[torch.Tensor], grid_side: int) -> dict[str, float]:
+    """How strongly a rule keeps object patches: the share of kept patches that overlap an object, over the share of
+    the image the objects cover (pixels). 1 = no better than chance; the demo's acceptance asks for >= 3.
+
+    ``kept``: per image the kept patch indices (raster order, -1 padding ignored); ``masks``: per image [H, W].
+    """
+    if len(kept) != len(masks) or not masks:
+        raise ValueError(f"need one mask per image, got {len(kept)} index sets and {len(masks)} masks")
+    on_object = kept_total = 0
+    object_pixels = pixels = 0
+    for indices, mask in zip(kept, masks):
+        overlap = patches_on_objects(mask, grid_side)
+        indices = indices[indices >= 0]
+        on_object += int(overlap[indices].sum())
+        kept_total += indices.numel()
+        object_pixels += int((mask != 0).sum())
+        pixels += mask.numel()
+    kept_share, cover = on_object / max(kept_total, 1), object_pixels / pixels
+    return {
+        "kept_on_objects": kept_share,
+        "object_cover": cover,
+        "concentration": kept_share / cover if cover else float("nan"),
+        "mean_kept": kept_total / len(masks),
+    }
+
+
 def format_report(report: dict[str, Any]) -> str:
     columns = ("mean", "std", "min", "p10", "median", "p90", "max")
     lines = [f"{report['images']} images, n = {report['n']} patches per image", ""]

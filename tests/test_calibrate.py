@@ -125,3 +125,18 @@ def test_command_on_a_tiny_checkpoint(tmp_path: Path, capsys) -> None:
     assert "i*" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="images missing"):
         main(["--model-path", str(model), "--question-file", str(questions), "--image-folder", str(tmp_path)])
+
+
+def test_object_concentration_counts_overlapping_patches() -> None:
+    from pruning.calibrate import object_concentration, patches_on_objects
+
+    mask = torch.zeros(8, 8, dtype=torch.uint8)
+    mask[1:3, 1:3] = 1  # lies inside patch 0 of a 2x2 grid of 4x4 patches
+    mask[4, 7] = 2  # one pixel in patch 3
+    assert patches_on_objects(mask, 2).tolist() == [True, False, False, True]
+    cover = 5 / 64
+    found = object_concentration([torch.tensor([0, 1, -1])], [mask], 2)
+    assert found["kept_on_objects"] == 0.5 and found["object_cover"] == pytest.approx(cover)
+    assert found["concentration"] == pytest.approx(0.5 / cover) and found["mean_kept"] == 2
+    with pytest.raises(ValueError, match="patch grid"):
+        patches_on_objects(torch.zeros(9, 8), 2)

@@ -1,0 +1,234 @@
+"""Steps of scripts/train_demo_model.sh: the demo LLaVA-1.5 checkpoint trained from scratch on the synthetic data.
+
+    python scripts/train_demo_model.py init --data D --out O --tower-out T   # random model, tokenizer of the data
+    python scripts/train_demo_model.py pretrain-tower --data D --tower T      # CLS classifier pre-training
+    python scripts/train_demo_model.py llava <llava.train.train flags>        # train.py with the tower unfrozen
+    python scripts/train_demo_model.py finalize --trained R --out O --tower T # release layout, tuned tower inside
+
+Why a tower pre-training step: LLaVA feeds only patch features (layer -2) to the LLM, so a tower trained from scratch
+through LLaVA alone gives its CLS token almost no learning signal, and stage 1 reads the CLS attention. Real CLIP
+learned its CLS from captions; here the CLS of the last layer is trained to say which of the 12 objects are present
+(multi-label, the captions of this world are sets of objects). That is the layer stage 1 scores (the last one, which
+LLaVA's -2 selection does not feed to the LLM), so its CLS row is the one that learned to look at objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from eval.synthetic import CATEGORIES, tokenizer_corpus
+from llava.model.multimodal_projector.builder import build_vision_projector
+from llava.model.tiny import TinySpec, write_tiny_llava
+from llava.tokenization import load_tokenizer, train_sentencepiece
+
+SPEC = TinySpec(
+    image_size=336,
+    patch_size=14,
+    vision_hidden=64,
+    vision_layers=4,
+    vision_heads=4,
+    hidden=128,
+    layers=3,
+    heads=4,
+    kv_heads=4,
+    intermediate=384,
+    vocab_size=512,
+    projector="mlp2x_gelu",
+    visual_layer=3,
+)
+
+
+def init(data: Path, out: Path, tower_out: Path, seed: int) -> None:
+    """write_tiny_llava's release layout, then standard (small) initialisation and a tokenizer of the data's text."""
+    write_tiny_llava(out, SPEC, seed=seed, tower_dir=tower_out, shards=1)
+    torch.manual_seed(seed)
+    clip = CLIPModel(CLIPConfig.from_pretrained(tower_out))  # transformers' own init, not the test's large weights
+    clip.save_pretrained(tower_out)
+    train_sentencepiece(tokenizer_corpus(data), out, vocab_size=SPEC.vocab_size, model_max_length=2048, seed=seed)
+    vocab = len(load_tokenizer(out))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=SPEC.hidden,
+            intermediate_size=SPEC.intermediate,
+            num_hidden_layers=SPEC.layers,
+            num_attention_heads=SPEC.heads,
+            num_key_value_heads=SPEC.kv_heads,
+            max_position_embeddings=SPEC.max_position_embeddings,
+            rms_norm_eps=1e-5,
+        )
+    )
+    projector = build_vision_projector(
+        argparse.Namespace(mm_projector_type=SPEC.projector, mm_hidden_size=SPEC.vision_hidden, hidden_size=SPEC.hidden)
+    )
+    state = {k: v.contiguous() for k, v in llm.state_dict().items()}
+    state.update({f"model.mm_projector.{k}": v.contiguous() for k, v in projector.state_dict().items()})
+    for old in out.glob("pytorch_model*"):
+        old.unlink()
+    torch.save(state, out / "pytorch_model.bin")
+    config = json.loads((out / "config.json").read_text())
+    config.update(vocab_size=vocab, _name_or_path="./checkpoints/llava-v1.5-demo")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    print(f"initialised {out} (vocabulary {vocab}) and {tower_out}")
+
+
+class TowerClassifier(nn.Module):
+    """The tower with two heads: which objects are present, from the final CLS (post-layernormed pooler output), and
+    which object each patch shows, from the patch features LLaVA reads (layer -2)."""
+
+    def __init__(self, tower: CLIPVisionModel) -> None:
+        super().__init__()
+        self.tower = tower
+        self.head = nn.Linear(tower.config.hidden_size, len(CATEGORIES))
+        self.patch_head = nn.Linear(tower.config.hidden_size, len(CATEGORIES) + 1)  # + background
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.tower(pixel_values=pixels, output_hidden_states=True)
+        return self.head(out.pooler_output), self.patch_head(out.hidden_states[-2][:, 1:])
+
+
+def _targets(data: Path, grid: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(names, present [N, 12], patch labels [N, grid**2]: the category of the object covering most of the patch,
+    0 for background)."""
+    images = json.loads((data / "annotations.json").read_text())["images"]
+    names = sorted(images)
+    present = torch.zeros(len(names), len(CATEGORIES))
+    patches = torch.zeros(len(names), grid * grid, dtype=torch.long)
+    for row, name in enumerate(names):
+        mask = torch.from_numpy(np.array(Image.open(data / "masks" / name))).long()
+        side = mask.shape[0] // grid
+        counts = nn.functional.one_hot(mask, 5).float().reshape(grid, side, grid, side, 5).sum(dim=(1, 3))
+        dominant = counts[..., 1:].argmax(dim=-1) + 1
+        covered = counts[..., 1:].amax(dim=-1) >= side * side / 4
+        categories = torch.tensor([0] + [CATEGORIES.index(o["category"]) + 1 for o in images[name]] + [0] * 4)
+        patches[row] = torch.where(covered, categories[dominant], 0).flatten()
+        for obj in images[name]:
+            present[row, CATEGORIES.index(obj["category"])] = 1.0
+    return names, present, patches
+
+
+def pretrain_tower(data: Path, tower_dir: Path, steps: int, batch: int, lr: float, seed: int) -> None:
+    torch.manual_seed(seed)
+    processor = CLIPImageProcessor.from_pretrained(tower_dir)
+    clip = CLIPModel.from_pretrained(tower_dir)
+    model = TowerClassifier(CLIPVisionModel(clip.config.vision_config))
+    model.tower.load_state_dict(clip.vision_model.state_dict())
+    grid = clip.config.vision_config.image_size // clip.config.vision_config.patch_size
+    names, targets, patch_targets = _targets(data, grid)
+    pixels = torch.cat(
+        [
+            processor(images=[Image.open(data / "images" / n).convert("RGB")], return_tensors="pt").pixel_values
+            for n in names
+        ]
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        index = torch.randint(len(names), (batch,), generator=generator)
+        logits, patch_logits = model(pixels[index])
+        present_loss = nn.functional.binary_cross_entropy_with_logits(logits, targets[index])
+        patch_loss = nn.functional.cross_entropy(patch_logits.flatten(0, 1), patch_targets[index].flatten())
+        loss = present_loss + patch_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            exact = ((logits > 0) == (targets[index] > 0)).all(dim=1).float().mean().item()
+            on_object = patch_targets[index] > 0
+            patch_right = (patch_logits.argmax(-1) == patch_targets[index])[on_object].float().mean().item()
+            print(
+                f"tower step {step}: present loss {present_loss.item():.4f} (exact-set accuracy {exact:.2f}), "
+                f"patch loss {patch_loss.item():.4f} (object patches right {patch_right:.2f})",
+                flush=True,
+            )
+    clip.vision_model.load_state_dict(model.tower.state_dict())
+    clip.save_pretrained(tower_dir)
+
+
+def llava(argv: list[str]) -> None:
+    """llava.train.train as it is, except that the tower stays trainable (upstream's --unfreeze_mm_vision_tower)."""
+    from llava.train import train as train_module
+
+    build_model = train_module.build_model
+
+    def build_with_tower(*args, **kwargs):
+        model, tokenizer, pruning = build_model(*args, **kwargs)
+        model.get_vision_tower().vision_tower.requires_grad_(True)
+        model.config.unfreeze_mm_vision_tower = True
+        return model, tokenizer, pruning
+
+    train_module.build_model = build_with_tower
+    train_module.train(argv=argv)
+
+
+def finalize(trained: Path, out: Path, tower_dir: Path, tower_name: str) -> None:
+    """The trained folder in LLaVA-1.5's release layout: config + pytorch_model.bin (the tuned tower included under
+    model.vision_tower.vision_tower.*, as LLaVA-1.6 ships it) + tokenizer files."""
+    from safetensors.torch import load_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for file in sorted(trained.glob("model*.safetensors")):
+        state.update(load_file(str(file)))
+    if not state:
+        raise SystemExit(f"error: {trained} holds no model*.safetensors (did training finish?)")
+    torch.save({k: v.contiguous() for k, v in state.items()}, out / "pytorch_model.bin")
+    config = json.loads((trained / "config.json").read_text())
+    config.update(mm_vision_tower=tower_name, unfreeze_mm_vision_tower=True, use_cache=True)
+    config.pop("dtype", None)
+    config["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (trained / name).is_file():
+            (out / name).write_bytes((trained / name).read_bytes())
+    print(f"wrote {out} ({sum(v.numel() for v in state.values())} parameters); tower folder {tower_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "llava":
+        llava(argv[1:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("init")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tower-out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("pretrain-tower")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--tower", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("finalize")
+    p.add_argument("--trained", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tower", type=Path, required=True)
+    p.add_argument("--tower-name", required=True, help="mm_vision_tower written into the config")
+    args = parser.parse_args(argv)
+    if args.step == "init":
+        init(args.data, args.out, args.tower_out, args.seed)
+    elif args.step == "pretrain-tower":
+        pretrain_tower(args.data, args.tower, args.steps, args.batch, args.lr, args.seed)
+    else:
+        finalize(args.trained, args.out, args.tower, args.tower_name)
+
+
+if __name__ == "__main__":
+    main()
