@@ -167,11 +167,28 @@ def llava(argv: list[str]) -> None:
     def build_with_tower(*args, **kwargs):
         model, tokenizer, pruning = build_model(*args, **kwargs)
         model.get_vision_tower().vision_tower.requires_grad_(True)
-        model.config.unfreeze_mm_vision_tower = True
         return model, tokenizer, pruning
 
     train_module.build_model = build_with_tower
     train_module.train(argv=argv)
+
+
+def export_tower(trained: Path, tower_dir: Path, out: Path) -> None:
+    """The tuned tower of a training output as a CLIP folder, so the next training phase starts from it (train.py
+    builds the tower from the folder named by --vision_tower)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(trained.glob("model*.safetensors")):
+        state.update(load_file(str(file)))
+    prefix = "model.vision_tower.vision_tower."
+    tuned = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not tuned:
+        raise SystemExit(f"error: {trained} holds no '{prefix}*' weights")
+    clip = CLIPModel.from_pretrained(tower_dir)
+    clip.vision_model.load_state_dict(tuned)
+    clip.save_pretrained(out)
+    (out / "preprocessor_config.json").write_bytes((tower_dir / "preprocessor_config.json").read_bytes())
 
 
 def finalize(trained: Path, out: Path, tower_dir: Path, tower_name: str) -> None:
@@ -187,7 +204,7 @@ def finalize(trained: Path, out: Path, tower_dir: Path, tower_name: str) -> None
         raise SystemExit(f"error: {trained} holds no model*.safetensors (did training finish?)")
     torch.save({k: v.contiguous() for k, v in state.items()}, out / "pytorch_model.bin")
     config = json.loads((trained / "config.json").read_text())
-    config.update(mm_vision_tower=tower_name, unfreeze_mm_vision_tower=True, use_cache=True)
+    config.update(mm_vision_tower=tower_name, unfreeze_mm_vision_tower=True, use_cache=True, model_type="llava")
     config.pop("dtype", None)
     config["torch_dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
@@ -216,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("export-tower")
+    p.add_argument("--trained", type=Path, required=True)
+    p.add_argument("--tower", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("finalize")
     p.add_argument("--trained", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -226,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         init(args.data, args.out, args.tower_out, args.seed)
     elif args.step == "pretrain-tower":
         pretrain_tower(args.data, args.tower, args.steps, args.batch, args.lr, args.seed)
+    elif args.step == "export-tower":
+        export_tower(args.trained, args.tower, args.out)
     else:
         finalize(args.trained, args.out, args.tower, args.tower_name)
 
