@@ -282,8 +282,17 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None)
     return trainer
 
 
+def shut_down_distributed() -> None:
+    """Leave the process group together: a rank exiting while another still talks over gloo / DeepSpeed's shared
+    memory can abort at interpreter teardown ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     train(argv=sys.argv[1:])
+    shut_down_distributed()
 
 
 if __name__ == "__main__":

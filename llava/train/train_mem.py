@@ -2,7 +2,7 @@
 
 from importlib.util import find_spec
 
-from llava.train.train import train
+from llava.train.train import shut_down_distributed, train
 
 
 def main() -> None:
@@ -12,6 +12,7 @@ def main() -> None:
             "(or run llava/train/train.py, which uses PyTorch SDPA attention)"
         )
     train(attn_implementation="flash_attention_2")
+    shut_down_distributed()
 
 
 if __name__ == "__main__":
