@@ -159,3 +159,18 @@ def test_two_image_tags_one_image(tiny_model):
     pixels = process_images([random_image(1)], processor, model.config)
     with pytest.raises(ValueError, match="2 <image> tags"):
         model.generate(ids, images=pixels, max_new_tokens=2)
+
+
+def test_relative_tower_path_is_found_next_to_the_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tiny_ckpt, shipped / "models" / "llava-tiny")
+    shutil.copytree(tiny_ckpt.with_name(tiny_ckpt.name + "-clip"), shipped / "models" / "llava-tiny-clip")
+    config_file = shipped / "models" / "llava-tiny" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["mm_vision_tower"] = "models/llava-tiny-clip"  # relative to the folder the checkpoint was shipped in
+    config_file.write_text(json.dumps(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _, model, _, _ = load_pretrained_model(str(shipped / "models" / "llava-tiny"), None, None, device="cpu")
+    assert model.get_vision_tower().is_loaded

@@ -505,17 +505,3 @@ def test_scripts_stop_when_the_data_folder_is_missing(tmp_path: Path) -> None:
 
 
 # ---- the README demo ----------------------------------------------------------------------------------------------
-
-
-def test_demo_scores_the_bundled_mini_pope_set_with_both_stages(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
-    from llava import demo
-
-    result = demo.main(["--model-path", str(tiny_ckpt), "--output-dir", str(tmp_path), "--device", "cpu"])
-    out = capsys.readouterr().out
-    assert "visual=longtail" in out and "kv=h2o" in out  # both stages on without any flag
-    assert "mean F1 over 3 categories" in out and "| visual before | visual kept | i* |" in out
-    check_result(tmp_path / "result.json", tmp_path / "answers.jsonl", "pope", count=12)
-    assert result["headline"] == pytest.approx(result["metrics"]["mean_f1"])
-    assert all(r["tokens"]["generated"] <= 16 for r in read_lines(tmp_path / "answers.jsonl"))
-    for category in ("adversarial", "popular", "random"):
-        assert result["metrics"][category]["count"] == 4

@@ -108,6 +108,18 @@ def detect_route(folder: Path, config: dict[str, Any], model_base: str | None) -
     raise CheckpointError(f"{folder} has no weights: expected one of {', '.join(WEIGHT_FILES)} or mm_projector.bin")
 
 
+def locate_relative_tower(name: str, folder: Path) -> str:
+    """A relative tower path that does not exist from the working directory is looked up next to the checkpoint
+    (and up to three folders above it), so a checkpoint shipped with its tower loads from anywhere."""
+    if os.path.isabs(name) or os.path.isdir(name):
+        return name
+    for base in [folder, *folder.resolve().parents[:3]]:
+        candidate = base / name
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    return name  # a hub id, or a missing folder reported by the tower
+
+
 def llava_config(config: dict[str, Any], source: Path) -> LlavaConfig | LlavaMistralConfig:
     model_type = config.get("model_type")
     if model_type not in LLAVA_MODEL_TYPES:
@@ -210,6 +222,8 @@ def load_pretrained_model(
     model_class = llava_model_class(raw_config)
     if vision_tower is not None:
         config.mm_vision_tower = str(vision_tower)
+    else:
+        config.mm_vision_tower = locate_relative_tower(config.mm_vision_tower, folder)
     config.pruning = resolve_pruning(getattr(config, "pruning", None), _overrides(pruning)).to_dict()
     # LLaVA-1.6 fine-tuned the tower and saved it in the checkpoint. Upstream built the tower at init so the
     # checkpoint's weights landed in it; transformers 5 inits on the meta device, where a nested from_pretrained
