@@ -57,12 +57,8 @@ LABELS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    for action in parser._actions:
-        if action.dest == "model_path":
-            action.required = False
-            action.default = str(DEMO_MODEL)
-            action.help = "LLaVA checkpoint (default: the committed demo model)"
+    add_model_args(parser, require_model_path=False)
+    parser.set_defaults(model_path=str(DEMO_MODEL))  # the committed demo model
     parser.add_argument("--question-file", default=None, help="POPE questions (default: the synthetic held-out set)")
     parser.add_argument("--image-folder", default=None)
     parser.add_argument("--annotation-dir", default=None, help="folder of coco_pope_<category>.json")

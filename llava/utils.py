@@ -17,6 +17,11 @@ def quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """'org/name' is a Hugging Face hub id; anything starting with . / ~ or with another number of slashes is a path."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
 def default_conv_mode(model_name: str, model_config) -> str:
     """Upstream picked the template from the folder name; we look at the config first, then the name."""
     model_type = getattr(model_config, "model_type", "")
@@ -32,9 +37,11 @@ def default_conv_mode(model_name: str, model_config) -> str:
     return "llava_v1"
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_model_args(parser: argparse.ArgumentParser, require_model_path: bool = True) -> argparse.ArgumentParser:
     """Upstream's model flags, plus device/dtype and an offline vision-tower override."""
-    parser.add_argument("--model-path", type=str, required=True, help="LLaVA checkpoint folder or hub id")
+    parser.add_argument(
+        "--model-path", type=str, required=require_model_path, default=None, help="LLaVA checkpoint folder or hub id"
+    )
     parser.add_argument("--model-base", type=str, default=None, help="base LLM for LoRA / projector-only folders")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--load-8bit", action="store_true")

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from llava.tokenization import load_tokenizer
+from llava.utils import looks_like_hub_id
 from pruning import PruningConfig, resolve_pruning
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def resolve_model_path(model_path: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     name = str(model_path)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not looks_like_hub_id(name):
         raise CheckpointError(f"model folder not found: {name}")
     from huggingface_hub import snapshot_download
 

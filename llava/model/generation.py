@@ -8,9 +8,7 @@ from typing import Any
 
 import torch
 
-from pruning import PruningConfig
-from pruning.h2o import enable_kv_eviction
-from pruning.kv_cache import KVEvictionCache
+from pruning import KVEvictionCache, PruningConfig, enable_kv_eviction
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+from llava.utils import looks_like_hub_id
 from pruning import PruningConfig, select_visual_tokens
 
 
@@ -35,10 +36,6 @@ class TowerOutput:
     scores: torch.Tensor | None  # [num_images, n] CLS similarity, fp32
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or os.sep != "/" and os.sep in name
-
-
 def resolve_tower_path(name: str) -> str:
     """A local folder as is; a hub id ('org/name') as is, for transformers' cache; anything else is an error."""
     expanded = os.path.expanduser(name)
@@ -46,7 +43,7 @@ def resolve_tower_path(name: str) -> str:
         if not os.path.isfile(os.path.join(expanded, "config.json")):
             raise VisionTowerError(f"vision tower folder {expanded} has no config.json")
         return expanded
-    if _looks_like_path(name):
+    if not looks_like_hub_id(name):
         raise VisionTowerError(
             f"vision tower folder not found: {name!r} (from mm_vision_tower in the model config). "
             "Pass an existing local CLIP folder, e.g. load_pretrained_model(..., vision_tower=PATH) or --vision-tower PATH."
