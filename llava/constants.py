@@ -11,3 +11,4 @@ DEFAULT_IMAGE_PATCH_TOKEN = "<im_patch>"
 DEFAULT_IM_START_TOKEN = "<im_start>"
 DEFAULT_IM_END_TOKEN = "<im_end>"
 IMAGE_PLACEHOLDER = "<image-placeholder>"
+NON_LORA_FILE = "non_lora_trainables.bin"  # LoRA runs: every trained weight outside the adapter

@@ -272,3 +272,22 @@ def test_a_visual_layer_the_tower_lacks_fails_at_start_up(workspace, tmp_path):
     args = train_module.parse_args([*train_args(workspace, tmp_path / "x"), "--visual-layer", "4"])
     with pytest.raises(ValueError, match=r"--visual-layer 4 .* has 4 \(valid: 0\.\.3\)"):
         train_module.build_model(*args[:3], args[3])
+
+
+def test_unfrozen_tower_trains_at_its_own_rate_and_the_tuned_tower_loads(workspace, tmp_path):
+    out = tmp_path / "llava-v1.5-tiny-tower-lora"
+    args = [a for a in train_args(workspace, out) if a not in (str(workspace["adapter"]), "--pretrain_mm_mlp_adapter")]
+    args[args.index("--model_name_or_path") + 1] = str(workspace["llava"])
+    args[args.index("--vision_tower") : args.index("--vision_tower") + 2] = []
+    extra = ["--unfreeze_mm_vision_tower", "True", "--mm_vision_tower_lr", "5e-3", "--learning_rate", "1e-3"]
+    trainer = train_module.train(argv=[*args, *extra, "--max_steps", "2", "--save_strategy", "no"])
+    rates = sorted({group["initial_lr"] for group in trainer.optimizer.param_groups})
+    assert rates == [1e-3, 5e-3]  # the tower groups at --mm_vision_tower_lr, the rest at --learning_rate
+    assert json.loads((out / "config.json").read_text())["unfreeze_mm_vision_tower"] is True
+    saved = torch.load(out / NON_LORA_FILE, weights_only=True)
+    assert any(".vision_tower.vision_tower." in key for key in saved)
+    _, tuned, _, _ = load_pretrained_model(str(out), str(workspace["llava"]), None, device="cpu")
+    _, base, _, _ = load_pretrained_model(str(workspace["llava"]), None, None, device="cpu")
+    name = "model.vision_tower.vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(tuned.get_parameter(name), base.get_parameter(name)), "the tuned tower was not loaded"
+    assert torch.allclose(tuned.get_parameter(name), saved[f"base_model.model.{name}"])

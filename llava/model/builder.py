@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from llava.constants import NON_LORA_FILE
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from llava.tokenization import load_tokenizer
@@ -84,8 +85,8 @@ def detect_route(folder: Path, config: dict[str, Any], model_base: str | None) -
     """'lora', 'projector', 'llava' or 'language_model', from the files in ``folder``."""
     if (folder / "adapter_config.json").is_file():
         missing = [] if any((folder / f).is_file() for f in ADAPTER_FILES) else ["adapter_model.safetensors|.bin"]
-        if "mm_vision_tower" in config and not (folder / "non_lora_trainables.bin").is_file():
-            missing.append("non_lora_trainables.bin")
+        if "mm_vision_tower" in config and not (folder / NON_LORA_FILE).is_file():
+            missing.append(NON_LORA_FILE)
         if missing:
             raise CheckpointError(f"LoRA checkpoint {folder} is missing {', '.join(missing)}")
         if model_base is None:
@@ -249,8 +250,7 @@ def load_pretrained_model(
     tower.load_model(device_map=None, dtype=dtype)
     if tuned_tower:
         model.config.unfreeze_mm_vision_tower = True
-        if route == "llava":
-            _load_tuned_tower(tower, folder, dtype)
+        _load_tuned_tower(tower, folder, dtype, from_non_lora=route == "lora")
     tower.to(device=model.device, dtype=dtype)
     image_processor = tower.image_processor
     context_len = getattr(model.config, "max_sequence_length", 2048)
@@ -285,11 +285,17 @@ def checkpoint_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_tuned_tower(tower: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
-    """Overwrite the CLIP folder's weights with the fine-tuned tower saved in the checkpoint (LLaVA-1.6)."""
+def _load_tuned_tower(tower: torch.nn.Module, folder: Path, dtype: torch.dtype, from_non_lora: bool = False) -> None:
+    """Overwrite the CLIP folder's weights with the fine-tuned tower saved in the checkpoint (LLaVA-1.6), or in
+    non_lora_trainables.bin for a LoRA run with --unfreeze_mm_vision_tower."""
     own = set(tower.state_dict())
+    if from_non_lora:
+        saved = strip_non_lora_keys(torch.load(folder / NON_LORA_FILE, map_location="cpu", weights_only=True))
+        tensors = {k: v for k, v in saved.items() if k.startswith(TOWER_PREFIX)}
+    else:
+        tensors = checkpoint_tensors(folder, TOWER_PREFIX)
     state = {}
-    for key, value in checkpoint_tensors(folder, TOWER_PREFIX).items():
+    for key, value in tensors.items():
         key = key[len(TOWER_PREFIX) :]
         # released with transformers 4.x: CLIPVisionModel.vision_model.*; transformers 5 drops that level
         if key not in own and key.startswith("vision_tower.vision_model."):
@@ -320,11 +326,13 @@ def _overrides(pruning: PruningConfig | dict | None) -> dict[str, Any]:
 
 
 def _load_lora(model, folder: Path, dtype: torch.dtype):
-    """Load non_lora_trainables.bin, then wrap with the adapter (merged by the caller)."""
+    """Load non_lora_trainables.bin (except a tuned tower's weights: the tower is not built yet, see
+    load_pretrained_model), then wrap with the adapter (merged by the caller)."""
     from peft import PeftModel
 
-    non_lora_file = folder / "non_lora_trainables.bin"
+    non_lora_file = folder / NON_LORA_FILE
     if non_lora_file.is_file():
         state = torch.load(non_lora_file, map_location="cpu", weights_only=True)
-        _load_state_into(model, {k: v.to(dtype) for k, v in strip_non_lora_keys(state).items()}, non_lora_file)
+        state = {k: v.to(dtype) for k, v in strip_non_lora_keys(state).items() if not k.startswith(TOWER_PREFIX)}
+        _load_state_into(model, state, non_lora_file)
     return PeftModel.from_pretrained(model, str(folder))

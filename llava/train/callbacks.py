@@ -19,9 +19,9 @@ from peft import PeftModel
 from torch import nn
 from transformers import TrainerCallback
 
-logger = logging.getLogger(__name__)
+from llava.constants import NON_LORA_FILE
 
-NON_LORA_FILE = "non_lora_trainables.bin"
+logger = logging.getLogger(__name__)
 
 
 def unwrap_llava(model: nn.Module) -> nn.Module:

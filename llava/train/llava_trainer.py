@@ -96,30 +96,43 @@ def is_projector_parameter(name: str) -> bool:
     return any(key in name for key in PROJECTOR_KEYS)
 
 
+def is_tower_parameter(name: str) -> bool:
+    return "vision_tower" in name
+
+
 def param_groups(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
     decay_names: set[str],
     weight_decay: float,
     projector_lr: float | None,
+    tower_lr: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Trainable parameters in (decay, no decay) x (projector, rest) groups; projector groups get ``projector_lr``."""
-    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    """Trainable parameters in (decay, no decay) x (projector, tower, rest) groups; projector groups get
+    ``projector_lr`` and tower groups ``tower_lr`` (None: the main learning rate, no separate group)."""
+    buckets: dict[tuple[bool, str], list[torch.nn.Parameter]] = {}
     for name, param in named_parameters:
-        if param.requires_grad:
-            projector = projector_lr is not None and is_projector_parameter(name)
-            buckets.setdefault((name in decay_names, projector), []).append(param)
+        if not param.requires_grad:
+            continue
+        part = "rest"
+        if projector_lr is not None and is_projector_parameter(name):
+            part = "projector"
+        elif tower_lr is not None and is_tower_parameter(name):
+            part = "tower"
+        buckets.setdefault((name in decay_names, part), []).append(param)
+    rates = {"projector": projector_lr, "tower": tower_lr}
     groups = []
-    for (decay, projector), params in sorted(buckets.items()):
+    for (decay, part), params in sorted(buckets.items()):
         group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0}
-        if projector:
-            group["lr"] = projector_lr
+        if part in rates:
+            group["lr"] = rates[part]
         groups.append(group)
     return groups
 
 
 # ---- trainer --------------------------------------------------------------------------------------------------
 class LLaVATrainer(Trainer):
-    """Expects ``args`` to be ``llava.train.train.TrainingArguments`` (group_by_modality_length, mm_projector_lr)."""
+    """Expects ``args`` to be ``llava.train.train.TrainingArguments`` (group_by_modality_length, mm_projector_lr,
+    mm_vision_tower_lr)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -139,7 +152,8 @@ class LLaVATrainer(Trainer):
 
     def create_optimizer(self, model=None):
         projector_lr = getattr(self.args, "mm_projector_lr", None)
-        if self.optimizer is not None or projector_lr is None:
+        tower_lr = getattr(self.args, "mm_vision_tower_lr", None)
+        if self.optimizer is not None or (projector_lr is None and tower_lr is None):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         groups = param_groups(
@@ -147,6 +161,7 @@ class LLaVATrainer(Trainer):
             set(self.get_decay_parameter_names(opt_model)),
             self.args.weight_decay,
             projector_lr,
+            tower_lr,
         )
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)

@@ -52,6 +52,9 @@ class ModelArguments:
     mm_use_im_start_end: bool = False
     mm_use_im_patch_token: bool = False
     mm_patch_merge_type: str = "flat"
+    unfreeze_mm_vision_tower: bool = field(
+        default=False, metadata={"help": "train the CLIP tower too (LLaVA-NeXT's flag); saved inside the checkpoint"}
+    )
 
 
 @dataclass
@@ -72,6 +75,9 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = False
     freeze_mm_mlp_adapter: bool = False
     mm_projector_lr: float | None = None
+    mm_vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "learning rate of the tower with --unfreeze_mm_vision_tower (default: main)"}
+    )
     group_by_modality_length: bool = False
     lora_enable: bool = False
     lora_r: int = 64
@@ -214,7 +220,8 @@ def build_model(
         model = get_peft_model(model, lora)
     if model_args.vision_tower:
         llava.get_model().mm_projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
-        llava.get_vision_tower().requires_grad_(False)
+        llava.get_vision_tower().requires_grad_(model_args.unfreeze_mm_vision_tower)
+        llava.config.unfreeze_mm_vision_tower = model_args.unfreeze_mm_vision_tower
         layer = scoring_layer(llava, config_pruning)
         if is_deepspeed_zero3_enabled():
             register_with_zero3(model, layer)
