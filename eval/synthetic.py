@@ -16,7 +16,11 @@ Written under ``--out`` (all deterministic from ``--seed``):
   frequency in the split, or among objects sharing a colour or shape with a present one);
 - MME-style yes/no pairs: ``llava_mme.jsonl`` + ``mme/{color,count,position}/<image>.txt`` (question<TAB>Yes|No);
 - ScienceQA-style multiple choice: ``llava_sqa.jsonl`` + ``scienceqa/problems.json`` + ``pid_splits.json``;
-- ``train.json``: every image as one multi-turn conversation over all its questions (upstream's training format).
+- ``train.json`` (upstream's training format), three records per image: its POPE-style questions as one multi-turn
+  conversation (every present object once, as many distinct absent ones: balanced yes/no), its MME-style and
+  ScienceQA-style questions as another (kept apart so no answer can be read off an earlier turn about the same
+  objects), and a caption ("What objects are in the image?" -> "red circle, blue square.": the alignment signal,
+  LLaVA's pretraining captions in miniature).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 336
+OBJECT_SIDE = (52, 84)  # px, inclusive: 4-6 patches of 14 px across
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (30, 165, 55),
@@ -46,6 +51,7 @@ SHORT = "Answer the question using a single word or phrase."
 MME_SUFFIX = "Please answer yes or no."
 SQA_SUFFIX = "Answer with the option's letter from the given choices directly."
 OPTIONS = "ABCD"
+CAPTION_QUESTION = "What objects are in the image?"
 
 
 @dataclass
@@ -111,9 +117,9 @@ def _shape_mask(shape: str, box: tuple[int, int, int, int]) -> Image.Image:
 
 
 def _place(rng: np.random.Generator, taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int] | None:
-    """A square box 52-84 px that keeps 8 px away from the boxes already placed (None after 50 tries)."""
+    """A square box of OBJECT_SIDE px that keeps 8 px away from the boxes already placed (None after 50 tries)."""
     for _ in range(50):
-        side = int(rng.integers(52, 85))
+        side = int(rng.integers(OBJECT_SIDE[0], OBJECT_SIDE[1] + 1))
         x0, y0 = (int(v) for v in rng.integers(4, IMAGE_SIZE - side - 4, size=2))
         box = (x0, y0, x0 + side, y0 + side)
         if all(box[0] >= b[2] + 8 or b[0] >= box[2] + 8 or box[1] >= b[3] + 8 or b[1] >= box[3] + 8 for b in taken):
@@ -235,7 +241,7 @@ def generate(out: str | Path, num_images: int, seed: int, split: str = "test") -
     qid = 0
     for item in images:
         present = [o.category for o in item.objects]
-        turns: list[tuple[str, str]] = []
+        negatives_seen: list[str] = []
         for rule in POPE_CATEGORIES:
             negatives = pope_negatives(rng, present, rule, frequency, len(present))
             for category, label in [(c, "yes") for c in present] + [(c, "no") for c in negatives]:
@@ -245,7 +251,10 @@ def generate(out: str | Path, num_images: int, seed: int, split: str = "test") -
                     {"question_id": qid, "image": item.name, "text": f"{text}\n{SHORT}", "category": rule}
                 )
                 labels[rule].append({"question_id": qid, "image": item.name, "text": text, "label": label})
-                turns.append((f"{text}\n{SHORT}", label.capitalize()))
+            negatives_seen += [c for c in negatives if c not in negatives_seen]
+        pope_turns = [(f"{pope_question(c)}\n{SHORT}", "Yes") for c in present]
+        pope_turns += [(f"{pope_question(c)}\n{SHORT}", "No") for c in negatives_seen[: len(present)]]
+        turns: list[tuple[str, str]] = []
         for subtask, question, answer in mme_pairs(rng, item.objects):
             mme_lines.append(
                 {
@@ -272,7 +281,9 @@ def generate(out: str | Path, num_images: int, seed: int, split: str = "test") -
         }
         sqa_lines.append({"question_id": pid, "image": item.name, "text": sqa_prompt(question, choices)})
         turns.append((sqa_prompt(question, choices), OPTIONS[answer]))
-        train.append(_conversation(rng, item.name, turns))
+        train.append(_conversation(rng, item.name, pope_turns, "pope"))
+        train.append(_conversation(rng, item.name, turns, "mme-sqa"))
+        train.append(_conversation(rng, item.name, [(CAPTION_QUESTION, caption(present))], "caption"))
 
     _write_jsonl(out / "llava_pope_test.jsonl", pope_lines)
     for rule, rows in labels.items():
@@ -297,16 +308,20 @@ def generate(out: str | Path, num_images: int, seed: int, split: str = "test") -
     }
 
 
-def _conversation(rng: np.random.Generator, image: str, turns: list[tuple[str, str]]) -> dict[str, Any]:
+def caption(categories: list[str]) -> str:
+    """The objects in CATEGORIES order: 'red circle, blue square.'"""
+    return ", ".join(sorted(categories, key=CATEGORIES.index)) + "."
+
+
+def _conversation(rng: np.random.Generator, image: str, turns: list[tuple[str, str]], kind: str) -> dict[str, Any]:
     """One image, its questions in random order; the image tag goes with the first question."""
-    turns = list(dict.fromkeys(turns))  # POPE asks a present object once per sampling rule; train on it once
     order = rng.permutation(len(turns))
     conversations = []
     for position, index in enumerate(order):
         question, answer = turns[index]
         human = f"<image>\n{question}" if position == 0 else question
         conversations += [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]
-    return {"id": Path(image).stem, "image": image, "conversations": conversations}
+    return {"id": f"{Path(image).stem}-{kind}", "image": image, "conversations": conversations}
 
 
 def tokenizer_corpus(out: str | Path) -> list[str]:

@@ -117,8 +117,15 @@ def test_mme_sqa_and_training_files(data: Path) -> None:
         assert [c in present for c in problem["choices"]].count(True) == 1
         assert problem["choices"][problem["answer"]] in present
     train = json.loads((data / "train.json").read_text())
-    assert len(train) == 8
+    assert len(train) == 3 * 8  # POPE, MME + ScienceQA, caption
     for record in train:
+        kind = record["id"].rsplit("-", 1)[1]
+        present = {o["category"] for o in annotations[record["image"]]}
+        answers = [t["value"] for t in record["conversations"][1::2]]
+        if kind == "pope":
+            assert answers.count("Yes") == answers.count("No") == len(present)  # balanced, every object once
+        elif kind == "caption":
+            assert set(answers[0].rstrip(".").split(", ")) == present
         turns = record["conversations"]
         assert turns[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in turns) == 1
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)

@@ -291,3 +291,34 @@ def test_unfrozen_tower_trains_at_its_own_rate_and_the_tuned_tower_loads(workspa
     name = "model.vision_tower.vision_tower.encoder.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(tuned.get_parameter(name), base.get_parameter(name)), "the tuned tower was not loaded"
     assert torch.allclose(tuned.get_parameter(name), saved[f"base_model.model.{name}"])
+
+
+def test_full_run_with_a_tuned_tower_continues_from_that_tower(workspace, tmp_path):
+    """A second phase started from a checkpoint that carries its tuned tower trains that tower, not the CLIP
+    folder's (train.py reads unfreeze_mm_vision_tower from the checkpoint's config)."""
+    first = tmp_path / "phase1"
+    args = [
+        a for a in train_args(workspace, first) if a not in (str(workspace["adapter"]), "--pretrain_mm_mlp_adapter")
+    ]
+    args[args.index("--model_name_or_path") + 1] = str(workspace["llava"])
+    extra = ["--lora_enable", "False", "--unfreeze_mm_vision_tower", "True", "--learning_rate", "5e-3"]
+    train_module.train(argv=[*args, *extra, "--max_steps", "1", "--save_strategy", "no"])
+    saved = {}
+    for file in first.glob("model*.safetensors"):
+        saved.update(load_file(str(file)))
+    prefix = "model.vision_tower.vision_tower."
+    tuned = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
+    assert tuned and json.loads((first / "config.json").read_text())["unfreeze_mm_vision_tower"] is True
+
+    second = train_args(workspace, tmp_path / "phase2", *extra)
+    second[second.index("--model_name_or_path") + 1] = str(first)
+    second = [a for a in second if a not in (str(workspace["adapter"]), "--pretrain_mm_mlp_adapter")]
+    parsed = train_module.parse_args(second)
+    model, _, _ = train_module.build_model(*parsed[:3], parsed[3])
+    tower = model.get_vision_tower().vision_tower.state_dict()
+    _, base, _, _ = load_pretrained_model(str(workspace["llava"]), None, None, device="cpu")
+    untuned = base.get_vision_tower().vision_tower.state_dict()
+    changed = [k for k in tuned if not torch.equal(tuned[k], untuned[k])]
+    assert changed, "phase 1 did not train the tower"
+    assert all(torch.equal(tower[k], tuned[k]) for k in tuned)
+    assert all(p.requires_grad for p in model.get_vision_tower().parameters())

@@ -250,7 +250,7 @@ def load_pretrained_model(
     tower.load_model(device_map=None, dtype=dtype)
     if tuned_tower:
         model.config.unfreeze_mm_vision_tower = True
-        _load_tuned_tower(tower, folder, dtype, from_non_lora=route == "lora")
+        load_tuned_tower(tower, folder, dtype, from_non_lora=route == "lora")
     tower.to(device=model.device, dtype=dtype)
     image_processor = tower.image_processor
     context_len = getattr(model.config, "max_sequence_length", 2048)
@@ -285,7 +285,7 @@ def checkpoint_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_tuned_tower(tower: torch.nn.Module, folder: Path, dtype: torch.dtype, from_non_lora: bool = False) -> None:
+def load_tuned_tower(tower: torch.nn.Module, folder: Path, dtype: torch.dtype, from_non_lora: bool = False) -> None:
     """Overwrite the CLIP folder's weights with the fine-tuned tower saved in the checkpoint (LLaVA-1.6), or in
     non_lora_trainables.bin for a LoRA run with --unfreeze_mm_vision_tower."""
     own = set(tower.state_dict())

@@ -12,6 +12,7 @@ trained with. Data: ``llava.train.data``; trainer and sampler: ``llava.train.lla
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -27,6 +28,7 @@ from transformers import HfArgumentParser, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
+from llava.model.builder import load_tuned_tower
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.tokenization import load_tokenizer
 from llava.train.callbacks import PruningLogCallback
@@ -165,6 +167,17 @@ def init_deepspeed_comm() -> None:
         deepspeed.init_distributed()
 
 
+def tuned_tower_checkpoint(model_name_or_path: str) -> Path | None:
+    """The folder when it is a local LLaVA checkpoint that carries a fine-tuned tower (unfreeze_mm_vision_tower: a
+    LLaVA-1.6 release or an earlier run of ours with --unfreeze_mm_vision_tower), so training continues from those
+    tower weights rather than the CLIP folder's."""
+    config_file = Path(model_name_or_path) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    return Path(model_name_or_path) if config.get("unfreeze_mm_vision_tower") else None
+
+
 def build_model(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -174,11 +187,13 @@ def build_model(
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, PruningConfig]:
     """(model, tokenizer, pruning config): the LLM, tower + projector, LoRA; tower frozen, projector trainable."""
     dtype = compute_dtype(training_args)
+    tuned_tower_in = tuned_tower_checkpoint(model_args.model_name_or_path)
     model = LlavaLlamaForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         attn_implementation=attn_implementation or "sdpa",
         dtype=dtype,
         cache_dir=training_args.cache_dir,
+        unfreeze_mm_vision_tower=False,  # the tower is built below, not inside from_pretrained (meta device)
     )
     model.config.use_cache = False
     tokenizer = load_tokenizer(
@@ -191,6 +206,8 @@ def build_model(
     if model_args.vision_tower:
         model.get_model().initialize_vision_modules(model_args)
         tower = model.get_vision_tower()
+        if tuned_tower_in is not None:
+            load_tuned_tower(tower, tuned_tower_in, tower.dtype)
         if not is_deepspeed_zero3_enabled():
             tower.to(dtype=dtype)
         config = model.config
