@@ -1,7 +1,7 @@
 """Steps of scripts/train_demo_model.sh: the demo LLaVA-1.5 checkpoint trained from scratch on the synthetic data.
 
     python scripts/train_demo_model.py init --data D --out O --tower-out T   # random model, tokenizer of the data
-    python scripts/train_demo_model.py pretrain-tower --data D --tower T --head H  # tower classifier pre-training
+    python scripts/train_demo_model.py pretrain-tower --data D --tower T --head-out H  # tower pre-training
     python scripts/train_demo_model.py init-projector --model O --head H     # projector's first rows = patch head
     python scripts/train_demo_model.py finalize --trained R --out O --tower T # release layout, tuned tower inside
 
@@ -209,24 +209,6 @@ def init_projector(model_dir: Path, head_file: Path) -> None:
     print(f"projector of {model_dir}: first {rows} rows from {head_file}")
 
 
-def export_tower(trained: Path, tower_dir: Path, out: Path) -> None:
-    """The tuned tower of a training output as a CLIP folder, so the next training phase starts from it (train.py
-    builds the tower from the folder named by --vision_tower)."""
-    from safetensors.torch import load_file
-
-    state = {}
-    for file in sorted(trained.glob("model*.safetensors")):
-        state.update(load_file(str(file)))
-    prefix = "model.vision_tower.vision_tower."
-    tuned = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if not tuned:
-        raise SystemExit(f"error: {trained} holds no '{prefix}*' weights")
-    clip = CLIPModel.from_pretrained(tower_dir)
-    clip.vision_model.load_state_dict(tuned)
-    clip.save_pretrained(out)
-    (out / "preprocessor_config.json").write_bytes((tower_dir / "preprocessor_config.json").read_bytes())
-
-
 def finalize(trained: Path, out: Path, tower_dir: Path, tower_name: str) -> None:
     """The trained folder in LLaVA-1.5's release layout: config + pytorch_model.bin (the tuned tower included under
     model.vision_tower.vision_tower.*, as LLaVA-1.6 ships it) + tokenizer files."""
@@ -269,10 +251,6 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("init-projector")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--head", type=Path, required=True)
-    p = sub.add_parser("export-tower")
-    p.add_argument("--trained", type=Path, required=True)
-    p.add_argument("--tower", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("finalize")
     p.add_argument("--trained", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -285,8 +263,6 @@ def main(argv: list[str] | None = None) -> None:
         pretrain_tower(args.data, args.tower, args.head_out, args.steps, args.batch, args.lr, args.seed)
     elif args.step == "init-projector":
         init_projector(args.model, args.head)
-    elif args.step == "export-tower":
-        export_tower(args.trained, args.tower, args.out)
     else:
         finalize(args.trained, args.out, args.tower, args.tower_name)
 

@@ -42,9 +42,8 @@ python -m llava.train.train --model_name_or_path "$WORK/init" --vision_tower "$W
 # takes phase 1's tuned tower from the checkpoint (its config says unfreeze_mm_vision_tower)
 python -m llava.train.train --model_name_or_path "$WORK/phase1" --vision_tower "$WORK/clip" \
     --output_dir "$WORK/llava" --max_steps "$PHASE2_STEPS" --learning_rate 5e-4 --visual-pruning none "${COMMON[@]}"
-# the tower folder the checkpoint names holds the tuned tower too (for tools that read the folder alone)
-python scripts/train_demo_model.py export-tower --trained "$WORK/llava" --tower "$WORK/clip" --out "$WORK/clip2"
+# the tower folder keeps the pre-trained tower; the tuned one lives in the checkpoint (LLaVA-1.6's convention)
 mkdir -p "$(dirname "$TOWER")"
-rm -rf "$TOWER" && cp -r "$WORK/clip2" "$TOWER"
+rm -rf "$TOWER" && cp -r "$WORK/clip" "$TOWER"
 python scripts/train_demo_model.py finalize --trained "$WORK/llava" --out "$OUT" --tower "$TOWER" --tower-name "$TOWER"
 echo "done: $OUT (tower folder $TOWER)"
