@@ -188,12 +188,14 @@ def build_model(
     """(model, tokenizer, pruning config): the LLM, tower + projector, LoRA; tower frozen, projector trainable."""
     dtype = compute_dtype(training_args)
     tuned_tower_in = tuned_tower_checkpoint(model_args.model_name_or_path)
+    # a tuned tower is built below, not inside from_pretrained (the meta device cannot load the CLIP folder)
+    overrides = {"unfreeze_mm_vision_tower": False} if tuned_tower_in is not None else {}
     model = LlavaLlamaForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         attn_implementation=attn_implementation or "sdpa",
         dtype=dtype,
         cache_dir=training_args.cache_dir,
-        unfreeze_mm_vision_tower=False,  # the tower is built below, not inside from_pretrained (meta device)
+        **overrides,
     )
     model.config.use_cache = False
     tokenizer = load_tokenizer(
