@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eval.synthetic import POPE_CATEGORIES
 from llava.eval.model_vqa_loader import read_question_lines
 from llava.eval.runner import RunnerInputError, check_images_exist, model_generate_fn, run
 from llava.mm_utils import load_image, process_images
@@ -45,7 +46,6 @@ DEMO_MODEL = REPO / "playground" / "checkpoints" / "llava-v1.5-demo"
 DEMO_TOWER = REPO / "playground" / "checkpoints" / "llava-v1.5-demo-clip"
 OUTPUT = REPO / "output" / "demo"
 TEST_SEED = 1  # the demo model trained on seed 0
-POPE_CATEGORIES = ("random", "popular", "adversarial")
 SETTINGS = ("none", "stage1", "topk", "stages12")
 LABELS = {
     "none": "LLaVA-1.5 (no pruning)",

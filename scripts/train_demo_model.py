@@ -31,7 +31,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionMo
 
 from eval.synthetic import CATEGORIES, tokenizer_corpus
 from llava.model.multimodal_projector.builder import build_vision_projector
-from llava.model.tiny import TinySpec, write_tiny_llava
+from llava.model.tiny import TinySpec, llm_config_kwargs, write_tiny_llava
 from llava.tokenization import load_tokenizer, train_sentencepiece
 
 SPEC = TinySpec(
@@ -63,18 +63,7 @@ def init(data: Path, out: Path, tower_out: Path, seed: int) -> None:
     clip.save_pretrained(tower_out)
     train_sentencepiece(tokenizer_corpus(data), out, vocab_size=SPEC.vocab_size, model_max_length=2048, seed=seed)
     vocab = len(load_tokenizer(out))
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=SPEC.hidden,
-            intermediate_size=SPEC.intermediate,
-            num_hidden_layers=SPEC.layers,
-            num_attention_heads=SPEC.heads,
-            num_key_value_heads=SPEC.kv_heads,
-            max_position_embeddings=SPEC.max_position_embeddings,
-            rms_norm_eps=1e-5,
-        )
-    )
+    llm = LlamaForCausalLM(LlamaConfig(**llm_config_kwargs(SPEC, vocab)))  # transformers' standard init
     projector = build_vision_projector(
         argparse.Namespace(mm_projector_type=SPEC.projector, mm_hidden_size=SPEC.vision_hidden, hidden_size=SPEC.hidden)
     )

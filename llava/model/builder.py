@@ -232,6 +232,7 @@ def load_pretrained_model(
     # fails, so the tower is delay-loaded here and its tuned weights are read from the checkpoint afterwards.
     tuned_tower = bool(getattr(config, "unfreeze_mm_vision_tower", False))
     config.unfreeze_mm_vision_tower = False
+    tower_tensors = None  # a LoRA run's tuned tower, from non_lora_trainables.bin
     if route == "llava":
         model = model_class.from_pretrained(folder, config=config, **load_kwargs)
         tokenizer_dir = folder
@@ -242,7 +243,8 @@ def load_pretrained_model(
             weights = torch.load(folder / "mm_projector.bin", map_location="cpu", weights_only=True)
             _load_state_into(model, {k: v.to(dtype) for k, v in weights.items()}, folder / "mm_projector.bin")
         else:
-            model = _load_lora(model, folder, dtype).merge_and_unload()
+            adapted, tower_tensors = _load_lora(model, folder, dtype)
+            model = adapted.merge_and_unload()
     tokenizer = load_tokenizer(tokenizer_dir)
     model.set_pruning(config.pruning)
 
@@ -250,7 +252,7 @@ def load_pretrained_model(
     tower.load_model(device_map=None, dtype=dtype)
     if tuned_tower:
         model.config.unfreeze_mm_vision_tower = True
-        load_tuned_tower(tower, folder, dtype, from_non_lora=route == "lora")
+        load_tuned_tower(tower, folder, dtype, tensors=tower_tensors)
     tower.to(device=model.device, dtype=dtype)
     image_processor = tower.image_processor
     context_len = getattr(model.config, "max_sequence_length", 2048)
@@ -285,14 +287,13 @@ def checkpoint_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_tuned_tower(tower: torch.nn.Module, folder: Path, dtype: torch.dtype, from_non_lora: bool = False) -> None:
-    """Overwrite the CLIP folder's weights with the fine-tuned tower saved in the checkpoint (LLaVA-1.6), or in
-    non_lora_trainables.bin for a LoRA run with --unfreeze_mm_vision_tower."""
+def load_tuned_tower(
+    tower: torch.nn.Module, folder: Path, dtype: torch.dtype, tensors: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Overwrite the CLIP folder's weights with the fine-tuned tower saved in the checkpoint (LLaVA-1.6), or with
+    ``tensors`` (``model.vision_tower.*`` names) already read from a LoRA run's non_lora_trainables.bin."""
     own = set(tower.state_dict())
-    if from_non_lora:
-        saved = strip_non_lora_keys(torch.load(folder / NON_LORA_FILE, map_location="cpu", weights_only=True))
-        tensors = {k: v for k, v in saved.items() if k.startswith(TOWER_PREFIX)}
-    else:
+    if tensors is None:
         tensors = checkpoint_tensors(folder, TOWER_PREFIX)
     state = {}
     for key, value in tensors.items():
@@ -326,13 +327,15 @@ def _overrides(pruning: PruningConfig | dict | None) -> dict[str, Any]:
 
 
 def _load_lora(model, folder: Path, dtype: torch.dtype):
-    """Load non_lora_trainables.bin (except a tuned tower's weights: the tower is not built yet, see
-    load_pretrained_model), then wrap with the adapter (merged by the caller)."""
+    """Load non_lora_trainables.bin, then wrap with the adapter (merged by the caller). Returns (wrapped model, the
+    file's tuned-tower tensors): the tower is not built yet, load_pretrained_model loads them once it is."""
     from peft import PeftModel
 
     non_lora_file = folder / NON_LORA_FILE
+    tower: dict[str, torch.Tensor] = {}
     if non_lora_file.is_file():
-        state = torch.load(non_lora_file, map_location="cpu", weights_only=True)
-        state = {k: v.to(dtype) for k, v in strip_non_lora_keys(state).items() if not k.startswith(TOWER_PREFIX)}
-        _load_state_into(model, state, non_lora_file)
-    return PeftModel.from_pretrained(model, str(folder))
+        state = strip_non_lora_keys(torch.load(non_lora_file, map_location="cpu", weights_only=True))
+        tower = {k: v for k, v in state.items() if k.startswith(TOWER_PREFIX)}
+        rest = {k: v.to(dtype) for k, v in state.items() if k not in tower}
+        _load_state_into(model, rest, non_lora_file)
+    return PeftModel.from_pretrained(model, str(folder)), tower

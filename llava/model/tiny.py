@@ -17,6 +17,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -316,16 +317,9 @@ def write_tiny_llava_next(
     return out
 
 
-def _llm_and_projector_state(
-    spec: TinySpec, vocab: int, seed: int, family: str, rotary_buffers: bool
-) -> dict[str, torch.Tensor]:
-    """Random LLM + projector weights under LLaVA's state-dict names.
-
-    ``rotary_buffers``: transformers 4.31 (LLaVA-1.5's release) saved each layer's rotary ``inv_freq``; 4.36 (1.6)
-    did not.
-    """
-    torch.manual_seed(seed + 1)
-    common = {
+def llm_config_kwargs(spec: TinySpec, vocab: int) -> dict[str, Any]:
+    """The Llama / Mistral config fields of a TinySpec."""
+    return {
         "vocab_size": vocab,
         "hidden_size": spec.hidden,
         "intermediate_size": spec.intermediate,
@@ -335,6 +329,18 @@ def _llm_and_projector_state(
         "max_position_embeddings": spec.max_position_embeddings,
         "rms_norm_eps": 1e-5,
     }
+
+
+def _llm_and_projector_state(
+    spec: TinySpec, vocab: int, seed: int, family: str, rotary_buffers: bool
+) -> dict[str, torch.Tensor]:
+    """Random LLM + projector weights under LLaVA's state-dict names.
+
+    ``rotary_buffers``: transformers 4.31 (LLaVA-1.5's release) saved each layer's rotary ``inv_freq``; 4.36 (1.6)
+    did not.
+    """
+    torch.manual_seed(seed + 1)
+    common = llm_config_kwargs(spec, vocab)
     if family == "mistral":
         llm = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif family == "vicuna":
