@@ -201,6 +201,18 @@ def mme_pairs(rng: np.random.Generator, objects: list[SyntheticObject]) -> list[
     return pairs
 
 
+def vqa_turns(objects: list[SyntheticObject]) -> list[tuple[str, str]]:
+    """Short-answer questions (VQAv2 style) that read one attribute of a unique object: the colour of the only
+    circle, the shape of the only red object. Training data only: they give the answer a word to copy from the
+    asked object's patches, which is how a small LLM from scratch learns to find an object before it learns the
+    yes/no of POPE (docs/demo.md)."""
+    shapes = Counter(o.shape for o in objects)
+    colours = Counter(o.colour for o in objects)
+    turns = [(f"What colour is the {o.shape}?\n{SHORT}", o.colour) for o in objects if shapes[o.shape] == 1]
+    turns += [(f"What shape is the {o.colour} object?\n{SHORT}", o.shape) for o in objects if colours[o.colour] == 1]
+    return turns
+
+
 def sqa_problem(rng: np.random.Generator, objects: list[SyntheticObject]) -> tuple[str, list[str], int]:
     """(question, choices, answer index): which object is shown, with three absent distractors."""
     present = {o.category for o in objects}
@@ -239,6 +251,7 @@ def generate(out: str | Path, num_images: int, seed: int, split: str = "test") -
     pope_lines, labels, mme_lines, sqa_lines, problems, train = [], {c: [] for c in POPE_CATEGORIES}, [], [], {}, []
     mme_truth: dict[tuple[str, str], list[str]] = {}
     qid = 0
+    order_rng = np.random.default_rng([seed, 1])  # its own stream: the evaluation files do not depend on it
     for item in images:
         present = [o.category for o in item.objects]
         negatives_seen: list[str] = []
@@ -284,6 +297,8 @@ def generate(out: str | Path, num_images: int, seed: int, split: str = "test") -
         train.append(_conversation(rng, item.name, pope_turns, "pope"))
         train.append(_conversation(rng, item.name, turns, "mme-sqa"))
         train.append(_conversation(rng, item.name, [(CAPTION_QUESTION, caption(present))], "caption"))
+        if vqa := vqa_turns(item.objects):
+            train.append(_conversation(order_rng, item.name, vqa, "vqa"))
 
     _write_jsonl(out / "llava_pope_test.jsonl", pope_lines)
     for rule, rows in labels.items():

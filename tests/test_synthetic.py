@@ -117,7 +117,9 @@ def test_mme_sqa_and_training_files(data: Path) -> None:
         assert [c in present for c in problem["choices"]].count(True) == 1
         assert problem["choices"][problem["answer"]] in present
     train = json.loads((data / "train.json").read_text())
-    assert len(train) == 3 * 8  # POPE, MME + ScienceQA, caption
+    kinds = Counter(record["id"].rsplit("-", 1)[1] for record in train)  # "-mme-sqa" counts as "sqa"
+    # POPE, MME + ScienceQA, caption for every image; short-answer VQA where an object is unique in shape or colour
+    assert kinds["pope"] == kinds["sqa"] == kinds["caption"] == 8 and 0 < kinds["vqa"] <= 8
     for record in train:
         kind = record["id"].rsplit("-", 1)[1]
         present = {o["category"] for o in annotations[record["image"]]}
@@ -126,6 +128,15 @@ def test_mme_sqa_and_training_files(data: Path) -> None:
             assert answers.count("Yes") == answers.count("No") == len(present)  # balanced, every object once
         elif kind == "caption":
             assert set(answers[0].rstrip(".").split(", ")) == present
+        elif kind == "vqa":
+            objects = annotations[record["image"]]
+            for question, answer in zip(record["conversations"][0::2], answers):
+                if question["value"].removeprefix("<image>\n").startswith("What colour is the "):
+                    shape = question["value"].split("What colour is the ")[1].split("?")[0]
+                    assert [o["colour"] for o in objects if o["shape"] == shape] == [answer]
+                else:
+                    colour = question["value"].split("What shape is the ")[1].split(" object?")[0]
+                    assert [o["shape"] for o in objects if o["colour"] == colour] == [answer]
         turns = record["conversations"]
         assert turns[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in turns) == 1
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
