@@ -182,9 +182,12 @@ def pretrain_tower(data: Path, tower_dir: Path, head_out: Path, steps: int, batc
 
 
 def init_projector(model_dir: Path, head_file: Path) -> None:
-    """Data-dependent start for the projector (mlp2x_gelu): its first rows are the tower's patch classifier, so from
-    step one each visual token carries "which object am I" in a few coordinates (the role LLaVA's pretrained
-    projector plays for a real LLM); the other rows keep their random init."""
+    """Data-dependent start for the projector (mlp2x_gelu), standing in for LLaVA's feature-alignment stage: its first
+    layer's first rows are the tower's patch classifier (hidden unit k + 1 fires for category k, unit 0 for the
+    background) and its second layer writes category k as the sum of the input embeddings of its two words ("red" +
+    "circle"), the background as nothing. So from step one a visual token of a red circle looks like the words the
+    question uses for it, and the LLM's job is the match (docs/demo.md: with tokens in a random basis, 5000 steps of
+    LLaVA training stayed at chance); all other weights keep their random init."""
     head = torch.load(head_file, weights_only=True)
     state = torch.load(model_dir / "pytorch_model.bin", weights_only=True)
     weight, bias = state["model.mm_projector.0.weight"], state["model.mm_projector.0.bias"]
@@ -193,9 +196,21 @@ def init_projector(model_dir: Path, head_file: Path) -> None:
             f"error: {head_file} reads {head['weight'].shape[1]} features, the projector {weight.shape[1]}"
         )
     rows = head["weight"].shape[0]
+    if rows != len(CATEGORIES) + 1:
+        raise SystemExit(f"error: {head_file} has {rows} rows, expected background + {len(CATEGORIES)} categories")
     weight[:rows], bias[:rows] = head["weight"], head["bias"]
+    tokenizer = load_tokenizer(model_dir)
+    embeddings = state["model.embed_tokens.weight"]
+    out_weight = state["model.mm_projector.2.weight"]
+    out_weight[:, 0] = 0.0
+    for k, category in enumerate(CATEGORIES):
+        words = [tokenizer(word, add_special_tokens=False).input_ids for word in category.split()]
+        if any(len(ids) != 1 for ids in words):
+            raise SystemExit(f"error: the tokenizer of {model_dir} splits a word of {category!r} into several pieces")
+        out_weight[:, k + 1] = sum(embeddings[ids[0]] for ids in words)
+    state["model.mm_projector.2.bias"].zero_()
     torch.save(state, model_dir / "pytorch_model.bin")
-    print(f"projector of {model_dir}: first {rows} rows from {head_file}")
+    print(f"projector of {model_dir}: first {rows} rows from {head_file}, category units -> their words' embeddings")
 
 
 def finalize(trained: Path, out: Path, tower_dir: Path, tower_name: str) -> None:

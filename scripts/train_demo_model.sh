@@ -18,7 +18,7 @@ WORK=${WORK:-output/demo-train}
 SEED=${SEED:-0}
 TRAIN_IMAGES=${TRAIN_IMAGES:-2400}
 TOWER_STEPS=${TOWER_STEPS:-600}
-PHASE1_STEPS=${PHASE1_STEPS:-2000}
+PHASE1_STEPS=${PHASE1_STEPS:-5000}
 PHASE2_STEPS=${PHASE2_STEPS:-300}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 
@@ -37,7 +37,7 @@ COMMON=(--version v1 --data_path "$WORK/data/train.json" --image_folder "$WORK/d
 # phase 1: stage-1 pruning in the loop (as the paper fine-tunes): the answer tokens look for the objects among the
 # ~35 % of patches the CLS ranks first instead of all 576
 python -m llava.train.train --model_name_or_path "$WORK/init" --vision_tower "$WORK/clip" \
-    --output_dir "$WORK/phase1" --max_steps "$PHASE1_STEPS" --learning_rate 2e-3 --visual-pruning longtail "${COMMON[@]}"
+    --output_dir "$WORK/phase1" --max_steps "$PHASE1_STEPS" --learning_rate 1e-3 --visual-pruning longtail "${COMMON[@]}"
 # phase 2: no pruning, so the model also answers from all 576 patches (the unpruned baseline of the table); train.py
 # takes phase 1's tuned tower from the checkpoint (its config says unfreeze_mm_vision_tower)
 python -m llava.train.train --model_name_or_path "$WORK/phase1" --vision_tower "$WORK/clip" \

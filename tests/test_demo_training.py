@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
+from llava.tokenization import load_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "playground" / "checkpoints" / "llava-v1.5-demo"
 spec = importlib.util.spec_from_file_location("train_demo_model", REPO / "scripts" / "train_demo_model.py")
 steps = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(steps)
@@ -36,8 +41,18 @@ def test_object_loss_classifies_each_objects_mean_feature() -> None:
     assert torch.allclose(steps.object_loss(features, labels, head), expected)
 
 
-def test_init_projector_copies_the_patch_head_into_the_first_rows(tmp_path: Path) -> None:
-    state = {"model.mm_projector.0.weight": torch.zeros(16, 4), "model.mm_projector.0.bias": torch.zeros(16)}
+def test_init_projector_starts_as_patch_classifier_then_category_words(tmp_path: Path) -> None:
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(DEMO / name, tmp_path / name)
+    tokenizer = load_tokenizer(tmp_path)
+    vocab = len(tokenizer)
+    state = {
+        "model.mm_projector.0.weight": torch.zeros(16, 4),
+        "model.mm_projector.0.bias": torch.zeros(16),
+        "model.mm_projector.2.weight": torch.randn(8, 16),
+        "model.mm_projector.2.bias": torch.randn(8),
+        "model.embed_tokens.weight": torch.randn(vocab, 8),
+    }
     torch.save(state, tmp_path / "pytorch_model.bin")
     head = nn.Linear(4, 13)
     torch.save(head.state_dict(), tmp_path / "head.pt")
@@ -46,3 +61,20 @@ def test_init_projector_copies_the_patch_head_into_the_first_rows(tmp_path: Path
     assert torch.equal(out["model.mm_projector.0.weight"][:13], head.weight.detach())
     assert torch.equal(out["model.mm_projector.0.bias"][:13], head.bias.detach())
     assert not out["model.mm_projector.0.weight"][13:].any()
+    # a hidden vector that fires only the "red circle" unit comes out as embed("red") + embed("circle")
+    hidden = torch.zeros(16)
+    hidden[1 + steps.CATEGORIES.index("red circle")] = 1.0
+    projected = out["model.mm_projector.2.weight"] @ hidden + out["model.mm_projector.2.bias"]
+    emb = state["model.embed_tokens.weight"]
+    red, circle = (tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("red", "circle"))
+    assert torch.allclose(projected, emb[red] + emb[circle])
+    assert not out["model.mm_projector.2.weight"][:, 0].any()  # the background unit writes nothing
+    assert torch.equal(out["model.mm_projector.2.weight"][:, 13:], state["model.mm_projector.2.weight"][:, 13:])
+
+
+def test_init_projector_refuses_a_head_of_the_wrong_size(tmp_path: Path) -> None:
+    state = {"model.mm_projector.0.weight": torch.zeros(16, 4), "model.mm_projector.0.bias": torch.zeros(16)}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    torch.save(nn.Linear(4, 7).state_dict(), tmp_path / "head.pt")
+    with pytest.raises(SystemExit, match="7 rows"):
+        steps.init_projector(tmp_path, tmp_path / "head.pt")
