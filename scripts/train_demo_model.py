@@ -213,6 +213,18 @@ def init_projector(model_dir: Path, head_file: Path) -> None:
     print(f"projector of {model_dir}: first {rows} rows from {head_file}, category units -> their words' embeddings")
 
 
+def select_records(data: Path, kinds: list[str], out: Path) -> None:
+    """The records of train.json whose id ends in one of ``kinds`` ("pope", "vqa", ...), in their order."""
+    records = json.loads((data / "train.json").read_text())
+    found = {record["id"].rsplit("-", 1)[1] for record in records}
+    unknown = [kind for kind in kinds if kind not in found]
+    if unknown:
+        raise SystemExit(f"error: {data / 'train.json'} has no {', '.join(unknown)} records (it has {sorted(found)})")
+    chosen = [record for record in records if record["id"].rsplit("-", 1)[1] in kinds]
+    out.write_text(json.dumps(chosen, indent=1) + "\n")
+    print(f"{out}: {len(chosen)} of {len(records)} records ({', '.join(kinds)})")
+
+
 def finalize(trained: Path, out: Path, tower_dir: Path, tower_name: str) -> None:
     """The trained folder in LLaVA-1.5's release layout: config + pytorch_model.bin (the tuned tower included under
     model.vision_tower.vision_tower.*, as LLaVA-1.6 ships it) + tokenizer files."""
@@ -255,6 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("init-projector")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--head", type=Path, required=True)
+    p = sub.add_parser("select-records")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--kinds", required=True, help="comma-separated record kinds, e.g. pope,vqa")
+    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("finalize")
     p.add_argument("--trained", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -267,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         pretrain_tower(args.data, args.tower, args.head_out, args.steps, args.batch, args.lr, args.seed)
     elif args.step == "init-projector":
         init_projector(args.model, args.head)
+    elif args.step == "select-records":
+        select_records(args.data, args.kinds.split(","), args.out)
     else:
         finalize(args.trained, args.out, args.tower, args.tower_name)
 

@@ -28,7 +28,10 @@ python scripts/train_demo_model.py init --data "$WORK/data" --out "$WORK/init" -
 python scripts/train_demo_model.py pretrain-tower --data "$WORK/data" --tower "$WORK/clip" --steps "$TOWER_STEPS" \
     --head-out "$WORK/patch_head.pt" --seed "$SEED"
 python scripts/train_demo_model.py init-projector --model "$WORK/init" --head "$WORK/patch_head.pt"
-COMMON=(--version v1 --data_path "$WORK/data/train.json" --image_folder "$WORK/data/images" --image_aspect_ratio pad
+# the LLM trains on the POPE and short-answer VQA records: the VQA answers name an attribute of the asked object,
+# the first-order path that lets a Llama from scratch learn to find objects before POPE's yes/no (docs/demo.md)
+python scripts/train_demo_model.py select-records --data "$WORK/data" --kinds pope,vqa --out "$WORK/data/train_pope_vqa.json"
+COMMON=(--version v1 --data_path "$WORK/data/train_pope_vqa.json" --image_folder "$WORK/data/images" --image_aspect_ratio pad
     --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --unfreeze_mm_vision_tower True
     --mm_vision_tower_lr 2e-4 --lora_enable False --per_device_train_batch_size 4 --weight_decay 0.0
     --warmup_ratio 0.03 --lr_scheduler_type cosine --model_max_length 2048 --logging_steps 50 --save_strategy no

@@ -1,7 +1,7 @@
 """The committed demo checkpoint (playground/checkpoints/llava-v1.5-demo): release layout, tuned tower loading, and
 the demo's claims on a small held-out synthetic subset (seed 1; the model was trained on seed 0).
 
-Full-size figures (100 images) are in docs/demo.md; these thresholds leave room for the small subset's noise.
+Full-size figures (40 images) are in docs/demo.md; these thresholds leave room for the small subset's noise.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ TOWER = demo.DEMO_TOWER
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("demo")
-    return demo.main(["--num-images", "4", "--output-dir", str(out), "--device", "cpu", "--batch-size", "16"])
+    return demo.main(["--num-images", "12", "--output-dir", str(out), "--device", "cpu", "--batch-size", "16"])
 
 
 def test_release_layout_and_size() -> None:
@@ -67,17 +67,35 @@ def test_table_settings_and_token_counts(summary: dict) -> None:
     assert results["stages12"]["tokens"]["kv_final"] < results["stage1"]["tokens"]["kv_final"]
 
 
-@pytest.mark.xfail(strict=True, reason="the committed demo model answers at chance (docs/demo.md, 'Measured')")
-def test_unpruned_f1_and_stage1_keep_the_acceptance_targets(summary: dict) -> None:
+def _accuracy(summary: dict, setting: str) -> float:
+    """Accuracy over all three POPE categories, from the scorer's result file."""
+    result = Path(summary["question_file"]).parents[1] / setting / "result.json"
+    metrics = json.loads(result.read_text())["metrics"]
+    rows = [metrics[c] for c in ("random", "popular", "adversarial")]
+    return 100 * sum(r["tp"] + r["tn"] for r in rows) / sum(r["count"] for r in rows)
+
+
+def test_the_model_reads_the_image(summary: dict) -> None:
+    """Chance is 50 % (POPE is balanced); measured 69.2 % unpruned on 40 images (docs/demo.md)."""
+    assert _accuracy(summary, "none") >= 60
+    assert _accuracy(summary, "stage1") >= 60
+
+
+def test_stage1_keeps_the_f1_with_about_a_quarter_of_the_tokens(summary: dict) -> None:
+    """Acceptance: >= 95 % of the unpruned F1 with <= 35 % of the tokens (measured 98.6 % with 26.5 %, 40 images)."""
     results = summary["results"]
     unpruned, ours = results["none"], results["stage1"]
-    assert unpruned["mean_f1"] >= 85
     assert ours["mean_f1"] >= 0.9 * unpruned["mean_f1"]
-    assert ours["tokens"]["visual_after"] <= 0.4 * 576
+    assert ours["tokens"]["visual_after"] <= 0.35 * 576
+
+
+@pytest.mark.xfail(strict=True, reason="the demo model reaches F1 70, not 90 (docs/demo.md, 'Against the targets')")
+def test_unpruned_f1_reaches_the_acceptance_target(summary: dict) -> None:
+    assert summary["results"]["none"]["mean_f1"] >= 90
 
 
 def test_kept_patches_concentrate_on_objects(tmp_path: Path) -> None:
-    """Target 3x (measured 2.9x on the demo's 40 held-out images, docs/demo.md); 20 images here."""
+    """Target 3x (measured 2.8x on the demo's 40 held-out images, docs/demo.md); 20 images here."""
     generate(tmp_path, num_images=20, seed=demo.TEST_SEED, split="test")
     _, model, processor, _ = load_pretrained_model(str(CHECKPOINT), device="cpu", vision_tower=str(TOWER))
     names = sorted(p.name for p in (tmp_path / "images").iterdir())

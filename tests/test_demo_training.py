@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -78,3 +79,13 @@ def test_init_projector_refuses_a_head_of_the_wrong_size(tmp_path: Path) -> None
     torch.save(nn.Linear(4, 7).state_dict(), tmp_path / "head.pt")
     with pytest.raises(SystemExit, match="7 rows"):
         steps.init_projector(tmp_path, tmp_path / "head.pt")
+
+
+def test_select_records_keeps_the_asked_kinds_in_order(tmp_path: Path) -> None:
+    records = [{"id": f"train_{i:05d}-{kind}"} for i in range(3) for kind in ("pope", "mme-sqa", "caption", "vqa")]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    steps.select_records(tmp_path, ["pope", "vqa"], tmp_path / "out.json")
+    chosen = json.loads((tmp_path / "out.json").read_text())
+    assert [r["id"] for r in chosen] == [r["id"] for r in records if r["id"].endswith(("-pope", "-vqa"))]
+    with pytest.raises(SystemExit, match="no counting records"):
+        steps.select_records(tmp_path, ["pope", "counting"], tmp_path / "out.json")
