@@ -2,7 +2,8 @@
 
     python scripts/train_demo_model.py init --data D --out O --tower-out T   # random model, tokenizer of the data
     python scripts/train_demo_model.py pretrain-tower --data D --tower T --head-out H  # tower pre-training
-    python scripts/train_demo_model.py init-projector --model O --head H     # projector's first rows = patch head
+    python scripts/train_demo_model.py init-projector --model O --head H     # patch head -> category word embeddings
+    python scripts/train_demo_model.py select-records --data D --kinds pope,vqa --out F  # the LLM's training records
     python scripts/train_demo_model.py finalize --trained R --out O --tower T # release layout, tuned tower inside
 
 Why a tower pre-training step: LLaVA feeds only patch features (layer -2) to the LLM, so a tower trained from scratch

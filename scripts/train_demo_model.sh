@@ -7,8 +7,9 @@
 # Steps (docs/demo.md): 1. generate the training split (seed 0); 2. a random LLaVA-1.5 checkpoint in the release
 # layout with a sentencepiece tokenizer trained on the questions; 3. pre-train the tiny CLIP tower (which objects
 # are present, from the last-layer CLS; which object each patch and each object shows, from layer -2); 4. start the
-# projector from the tower's patch classifier; 5. llava/train/train.py, full training with the tower unfrozen,
-# stage 1 in the loop, then a short unpruned phase; 6. the release layout (tuned tower inside, as LLaVA-1.6 ships it).
+# projector as the tower's patch classifier followed by each category's word embeddings; 5. keep the POPE and
+# short-answer VQA records; 6. llava/train/train.py, full training with the tower unfrozen, stage 1 in the loop,
+# then a short unpruned phase; 7. the release layout (tuned tower inside, as LLaVA-1.6 ships it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
