@@ -16,11 +16,12 @@ Written under ``--out`` (all deterministic from ``--seed``):
   frequency in the split, or among objects sharing a colour or shape with a present one);
 - MME-style yes/no pairs: ``llava_mme.jsonl`` + ``mme/{color,count,position}/<image>.txt`` (question<TAB>Yes|No);
 - ScienceQA-style multiple choice: ``llava_sqa.jsonl`` + ``scienceqa/problems.json`` + ``pid_splits.json``;
-- ``train.json`` (upstream's training format), three records per image: its POPE-style questions as one multi-turn
+- ``train.json`` (upstream's training format), up to four records per image: its POPE-style questions as one multi-turn
   conversation (every present object once, as many distinct absent ones: balanced yes/no), its MME-style and
   ScienceQA-style questions as another (kept apart so no answer can be read off an earlier turn about the same
   objects), and a caption ("What objects are in the image?" -> "red circle, blue square.": the alignment signal,
-  LLaVA's pretraining captions in miniature).
+  LLaVA's pretraining captions in miniature), and short-answer questions about unique objects ("What colour is the
+  circle?"); a record's id is ``<image stem>-<kind>`` (``record_kind``).
 """
 
 from __future__ import annotations
@@ -337,6 +338,11 @@ def _conversation(rng: np.random.Generator, image: str, turns: list[tuple[str, s
         human = f"<image>\n{question}" if position == 0 else question
         conversations += [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]
     return {"id": f"{Path(image).stem}-{kind}", "image": image, "conversations": conversations}
+
+
+def record_kind(record: dict[str, Any]) -> str:
+    """The kind of a train.json record ("pope", "mme-sqa", "caption", "vqa"): its id minus the image stem."""
+    return record["id"].removeprefix(f"{Path(record['image']).stem}-")
 
 
 def tokenizer_corpus(out: str | Path) -> list[str]:

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from eval.synthetic import CATEGORIES, tokenizer_corpus
+from eval.synthetic import CATEGORIES, record_kind, tokenizer_corpus
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.model.tiny import TinySpec, llm_config_kwargs, write_tiny_llava
 from llava.tokenization import load_tokenizer, train_sentencepiece
@@ -217,11 +217,11 @@ def init_projector(model_dir: Path, head_file: Path) -> None:
 def select_records(data: Path, kinds: list[str], out: Path) -> None:
     """The records of train.json whose id ends in one of ``kinds`` ("pope", "vqa", ...), in their order."""
     records = json.loads((data / "train.json").read_text())
-    found = {record["id"].rsplit("-", 1)[1] for record in records}
+    found = {record_kind(record) for record in records}
     unknown = [kind for kind in kinds if kind not in found]
     if unknown:
         raise SystemExit(f"error: {data / 'train.json'} has no {', '.join(unknown)} records (it has {sorted(found)})")
-    chosen = [record for record in records if record["id"].rsplit("-", 1)[1] in kinds]
+    chosen = [record for record in records if record_kind(record) in kinds]
     out.write_text(json.dumps(chosen, indent=1) + "\n")
     print(f"{out}: {len(chosen)} of {len(records)} records ({', '.join(kinds)})")
 

@@ -82,7 +82,11 @@ def test_init_projector_refuses_a_head_of_the_wrong_size(tmp_path: Path) -> None
 
 
 def test_select_records_keeps_the_asked_kinds_in_order(tmp_path: Path) -> None:
-    records = [{"id": f"train_{i:05d}-{kind}"} for i in range(3) for kind in ("pope", "mme-sqa", "caption", "vqa")]
+    records = [
+        {"id": f"train_{i:05d}-{kind}", "image": f"train_{i:05d}.png"}
+        for i in range(3)
+        for kind in ("pope", "mme-sqa", "caption", "vqa")
+    ]
     (tmp_path / "train.json").write_text(json.dumps(records))
     steps.select_records(tmp_path, ["pope", "vqa"], tmp_path / "out.json")
     chosen = json.loads((tmp_path / "out.json").read_text())
