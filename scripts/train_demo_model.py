@@ -3,7 +3,7 @@
     python scripts/train_demo_model.py init --data D --out O --tower-out T   # random model, tokenizer of the data
     python scripts/train_demo_model.py pretrain-tower --data D --tower T --head-out H  # tower pre-training
     python scripts/train_demo_model.py init-projector --model O --head H     # patch head -> category word embeddings
-    python scripts/train_demo_model.py select-records --data D --kinds pope,vqa --out F  # the LLM's training records
+    python scripts/train_demo_model.py select-records --data D --kinds pope,vqa --per-image --out F  # LLM records
     python scripts/train_demo_model.py finalize --trained R --out O --tower T # release layout, tuned tower inside
 
 Why a tower pre-training step: LLaVA feeds only patch features (layer -2) to the LLM, so a tower trained from scratch
@@ -43,8 +43,8 @@ SPEC = TinySpec(
     vision_heads=4,
     hidden=128,
     layers=3,
-    heads=4,
-    kv_heads=4,
+    heads=8,
+    kv_heads=8,
     intermediate=384,
     vocab_size=512,
     projector="mlp2x_gelu",
@@ -183,12 +183,14 @@ def pretrain_tower(data: Path, tower_dir: Path, head_out: Path, steps: int, batc
 
 
 def init_projector(model_dir: Path, head_file: Path) -> None:
-    """Data-dependent start for the projector (mlp2x_gelu), standing in for LLaVA's feature-alignment stage: its first
-    layer's first rows are the tower's patch classifier (hidden unit k + 1 fires for category k, unit 0 for the
-    background) and its second layer writes category k as the sum of the input embeddings of its two words ("red" +
-    "circle"), the background as nothing. So from step one a visual token of a red circle looks like the words the
-    question uses for it, and the LLM's job is the match (docs/demo.md: with tokens in a random basis, 5000 steps of
-    LLaVA training stayed at chance); all other weights keep their random init."""
+    """Data-dependent start for the projector (mlp2x_gelu), standing in for LLaVA's feature-alignment stage: hidden
+    unit k + 1 of its first layer is the tower's patch classifier's log-odds of category k against the background
+    (unit 0 is silent), and its second layer writes category k as the sum of the input embeddings of its two words
+    ("red" + "circle") and nothing for the other hidden units. So from step one a visual token of a red circle looks
+    like the words the question uses for it and a background patch is (near) zero; the LLM's job is the match
+    (docs/demo.md: with tokens in a random basis, or with the random units left on, whose output outweighed the
+    words, the LLM stayed near chance). The other first-layer rows keep their random init and start learning once
+    the second layer gives them a gradient."""
     head = torch.load(head_file, weights_only=True)
     state = torch.load(model_dir / "pytorch_model.bin", weights_only=True)
     weight, bias = state["model.mm_projector.0.weight"], state["model.mm_projector.0.bias"]
@@ -199,11 +201,14 @@ def init_projector(model_dir: Path, head_file: Path) -> None:
     rows = head["weight"].shape[0]
     if rows != len(CATEGORIES) + 1:
         raise SystemExit(f"error: {head_file} has {rows} rows, expected background + {len(CATEGORIES)} categories")
-    weight[:rows], bias[:rows] = head["weight"], head["bias"]
+    # unit k + 1 = log-odds of category k against the background: a background patch fires no unit at all
+    weight[1:rows], bias[1:rows] = head["weight"][1:] - head["weight"][:1], head["bias"][1:] - head["bias"][:1]
+    weight[0], bias[0] = 0.0, 0.0
     tokenizer = load_tokenizer(model_dir)
     embeddings = state["model.embed_tokens.weight"]
     out_weight = state["model.mm_projector.2.weight"]
     out_weight[:, 0] = 0.0
+    out_weight[:, rows:] = 0.0  # the other (random) hidden units start silent: a token is its words and nothing else
     for k, category in enumerate(CATEGORIES):
         words = [tokenizer(word, add_special_tokens=False).input_ids for word in category.split()]
         if any(len(ids) != 1 for ids in words):
@@ -214,16 +219,33 @@ def init_projector(model_dir: Path, head_file: Path) -> None:
     print(f"projector of {model_dir}: first {rows} rows from {head_file}, category units -> their words' embeddings")
 
 
-def select_records(data: Path, kinds: list[str], out: Path) -> None:
-    """The records of train.json whose id ends in one of ``kinds`` ("pope", "vqa", ...), in their order."""
+def select_records(data: Path, kinds: list[str], out: Path, per_image: bool = False) -> None:
+    """The records of train.json whose id ends in one of ``kinds`` ("pope", "vqa", ...), in their order. With
+    ``per_image`` an image's chosen records become one multi-turn record (turns in train.json's order, the image
+    token in the first), so one pass of the tower serves all of that image's questions."""
     records = json.loads((data / "train.json").read_text())
     found = {record_kind(record) for record in records}
     unknown = [kind for kind in kinds if kind not in found]
     if unknown:
         raise SystemExit(f"error: {data / 'train.json'} has no {', '.join(unknown)} records (it has {sorted(found)})")
     chosen = [record for record in records if record_kind(record) in kinds]
+    if per_image:
+        chosen = merge_per_image(chosen, "+".join(kinds))
     out.write_text(json.dumps(chosen, indent=1) + "\n")
-    print(f"{out}: {len(chosen)} of {len(records)} records ({', '.join(kinds)})")
+    print(f"{out}: {len(chosen)} records ({', '.join(kinds)}{', one per image' if per_image else ''}) from {len(records)}")
+
+
+def merge_per_image(records: list[dict], kind: str) -> list[dict]:
+    turns: dict[str, list[dict]] = {}
+    for record in records:
+        turns.setdefault(record["image"], []).extend(
+            {**turn, "value": turn["value"].replace("<image>\n", "")} for turn in record["conversations"]
+        )
+    merged = []
+    for image, conversation in turns.items():
+        conversation[0] = {**conversation[0], "value": "<image>\n" + conversation[0]["value"]}
+        merged.append({"id": f"{Path(image).stem}-{kind}", "image": image, "conversations": conversation})
+    return merged
 
 
 def finalize(trained: Path, out: Path, tower_dir: Path, tower_name: str) -> None:
@@ -272,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--kinds", required=True, help="comma-separated record kinds, e.g. pope,vqa")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--per-image", action="store_true", help="one multi-turn record per image")
     p = sub.add_parser("finalize")
     p.add_argument("--trained", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -285,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.step == "init-projector":
         init_projector(args.model, args.head)
     elif args.step == "select-records":
-        select_records(args.data, args.kinds.split(","), args.out)
+        select_records(args.data, args.kinds.split(","), args.out, args.per_image)
     else:
         finalize(args.trained, args.out, args.tower, args.tower_name)
 

@@ -59,8 +59,12 @@ def test_init_projector_starts_as_patch_classifier_then_category_words(tmp_path:
     torch.save(head.state_dict(), tmp_path / "head.pt")
     steps.init_projector(tmp_path, tmp_path / "head.pt")
     out = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
-    assert torch.equal(out["model.mm_projector.0.weight"][:13], head.weight.detach())
-    assert torch.equal(out["model.mm_projector.0.bias"][:13], head.bias.detach())
+    # unit k + 1 reads the log-odds of category k against the background (row 0 of the head); unit 0 is silent
+    features = torch.randn(5, 4)
+    hidden = features @ out["model.mm_projector.0.weight"].T + out["model.mm_projector.0.bias"]
+    logits = head(features).detach()
+    assert torch.allclose(hidden[:, 1:13], logits[:, 1:] - logits[:, :1], atol=1e-6)
+    assert not hidden[:, 0].any()
     assert not out["model.mm_projector.0.weight"][13:].any()
     # a hidden vector that fires only the "red circle" unit comes out as embed("red") + embed("circle")
     hidden = torch.zeros(16)
@@ -70,7 +74,7 @@ def test_init_projector_starts_as_patch_classifier_then_category_words(tmp_path:
     red, circle = (tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("red", "circle"))
     assert torch.allclose(projected, emb[red] + emb[circle])
     assert not out["model.mm_projector.2.weight"][:, 0].any()  # the background unit writes nothing
-    assert torch.equal(out["model.mm_projector.2.weight"][:, 13:], state["model.mm_projector.2.weight"][:, 13:])
+    assert not out["model.mm_projector.2.weight"][:, 13:].any()  # the other hidden units start silent
 
 
 def test_init_projector_refuses_a_head_of_the_wrong_size(tmp_path: Path) -> None:
@@ -93,3 +97,31 @@ def test_select_records_keeps_the_asked_kinds_in_order(tmp_path: Path) -> None:
     assert [r["id"] for r in chosen] == [r["id"] for r in records if r["id"].endswith(("-pope", "-vqa"))]
     with pytest.raises(SystemExit, match="no counting records"):
         steps.select_records(tmp_path, ["pope", "counting"], tmp_path / "out.json")
+
+
+def test_select_records_per_image_merges_an_images_turns_behind_one_image_token(tmp_path: Path) -> None:
+    def record(i: int, kind: str, questions: list[str]) -> dict:
+        turns = []
+        for q in questions:
+            turns += [{"from": "human", "value": q}, {"from": "gpt", "value": f"answer to {q}"}]
+        turns[0]["value"] = "<image>\n" + turns[0]["value"]
+        return {"id": f"train_{i:05d}-{kind}", "image": f"train_{i:05d}.png", "conversations": turns}
+
+    records = [
+        record(0, "pope", ["p0a", "p0b"]),
+        record(0, "caption", ["c0"]),
+        record(0, "vqa", ["v0"]),
+        record(1, "pope", ["p1"]),
+        record(1, "vqa", ["v1a", "v1b"]),
+    ]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    steps.select_records(tmp_path, ["pope", "vqa"], tmp_path / "out.json", per_image=True)
+    merged = json.loads((tmp_path / "out.json").read_text())
+    assert [(r["id"], r["image"]) for r in merged] == [
+        ("train_00000-pope+vqa", "train_00000.png"),
+        ("train_00001-pope+vqa", "train_00001.png"),
+    ]
+    humans = [[t["value"] for t in r["conversations"] if t["from"] == "human"] for r in merged]
+    assert humans == [["<image>\np0a", "p0b", "v0"], ["<image>\np1", "v1a", "v1b"]]
+    answers = [t["value"] for t in merged[1]["conversations"] if t["from"] == "gpt"]
+    assert answers == ["answer to p1", "answer to v1a", "answer to v1b"]
