@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         results[name]["pruning"] = config.to_dict()
 
-    print("\nPOPE F1 (mean visual tokens per image in parentheses), paper Tables 1-2 in miniature:\n")
+    print("\nPOPE F1 (mean visual tokens per question in parentheses), paper Tables 1-2 in miniature:\n")
     print(paper_table(results))
     names = list(dict.fromkeys(s.image.name for s in samples if s.image is not None))
     stage1 = settings(base, topk)["stage1"]

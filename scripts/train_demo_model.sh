@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the demo LLaVA-1.5 checkpoint from scratch on the synthetic shapes data, on a CPU (2 cores: about 27 minutes).
+# Train the demo LLaVA-1.5 checkpoint from scratch on the synthetic shapes data, on a CPU (2 cores: about 28 minutes).
 #
 #   bash scripts/train_demo_model.sh                       # writes playground/checkpoints/llava-v1.5-demo(-clip)
 #   OUT=checkpoints/my-demo WORK=output/my-run bash scripts/train_demo_model.sh
