@@ -31,6 +31,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from eval.synthetic import CATEGORIES, record_kind, tokenizer_corpus
+from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.model.tiny import TinySpec, llm_config_kwargs, write_tiny_llava
 from llava.tokenization import load_tokenizer, train_sentencepiece
@@ -216,7 +217,7 @@ def init_projector(model_dir: Path, head_file: Path) -> None:
         out_weight[:, k + 1] = sum(embeddings[ids[0]] for ids in words)
     state["model.mm_projector.2.bias"].zero_()
     torch.save(state, model_dir / "pytorch_model.bin")
-    print(f"projector of {model_dir}: first {rows} rows from {head_file}, category units -> their words' embeddings")
+    print(f"projector of {model_dir}: category log-odds from {head_file}, category units -> their words' embeddings")
 
 
 def select_records(data: Path, kinds: list[str], out: Path, per_image: bool = False) -> None:
@@ -232,20 +233,24 @@ def select_records(data: Path, kinds: list[str], out: Path, per_image: bool = Fa
     if per_image:
         chosen = merge_per_image(chosen, "+".join(kinds))
     out.write_text(json.dumps(chosen, indent=1) + "\n")
-    print(f"{out}: {len(chosen)} records ({', '.join(kinds)}{', one per image' if per_image else ''}) from {len(records)}")
+    print(
+        f"{out}: {len(chosen)} records ({', '.join(kinds)}{', one per image' if per_image else ''}) from {len(records)}"
+    )
 
 
 def merge_per_image(records: list[dict], kind: str) -> list[dict]:
-    turns: dict[str, list[dict]] = {}
+    """Each image's records as one: the first record's turns (with its image token), then the others' turns."""
+    merged: dict[str, dict] = {}
     for record in records:
-        turns.setdefault(record["image"], []).extend(
-            {**turn, "value": turn["value"].replace("<image>\n", "")} for turn in record["conversations"]
-        )
-    merged = []
-    for image, conversation in turns.items():
-        conversation[0] = {**conversation[0], "value": "<image>\n" + conversation[0]["value"]}
-        merged.append({"id": f"{Path(image).stem}-{kind}", "image": image, "conversations": conversation})
-    return merged
+        if record["image"] not in merged:
+            stem = Path(record["image"]).stem
+            merged[record["image"]] = {**record, "id": f"{stem}-{kind}", "conversations": list(record["conversations"])}
+        else:
+            merged[record["image"]]["conversations"] += [
+                {**turn, "value": turn["value"].replace(f"{DEFAULT_IMAGE_TOKEN}\n", "")}
+                for turn in record["conversations"]
+            ]
+    return list(merged.values())
 
 
 def finalize(trained: Path, out: Path, tower_dir: Path, tower_name: str) -> None:
