@@ -19,7 +19,7 @@ WORK=${WORK:-output/demo-train}
 SEED=${SEED:-0}
 TRAIN_IMAGES=${TRAIN_IMAGES:-2400}
 TOWER_STEPS=${TOWER_STEPS:-600}
-PHASE1_STEPS=${PHASE1_STEPS:-1300}
+PHASE1_STEPS=${PHASE1_STEPS:-1700}
 PHASE2_STEPS=${PHASE2_STEPS:-300}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 
@@ -31,15 +31,16 @@ python scripts/train_demo_model.py pretrain-tower --data "$WORK/data" --tower "$
 python scripts/train_demo_model.py init-projector --model "$WORK/init" --head "$WORK/patch_head.pt"
 # the LLM trains on the POPE and short-answer VQA records: the VQA answers name an attribute of the asked object,
 # the first-order path that lets a Llama from scratch learn to find objects before POPE's yes/no (docs/demo.md);
-# one multi-turn record per image, so each pass of the tower serves all of the image's questions
-python scripts/train_demo_model.py select-records --data "$WORK/data" --kinds pope,vqa --per-image \
+# one multi-turn record per image, so each pass of the tower serves all of the image's questions; the short-answer
+# line only on its first question (the evaluation prompt's single turn keeps it; later turns are 12 tokens shorter)
+python scripts/train_demo_model.py select-records --data "$WORK/data" --kinds pope,vqa --per-image --instruction-once \
     --out "$WORK/data/train_pope_vqa.json"
 COMMON=(--version v1 --data_path "$WORK/data/train_pope_vqa.json" --image_folder "$WORK/data/images" --image_aspect_ratio pad
     --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --unfreeze_mm_vision_tower True
     --mm_vision_tower_lr 2e-4 --lora_enable False --weight_decay 0.0
     --warmup_ratio 0.03 --lr_scheduler_type cosine --model_max_length 2048 --logging_steps 50 --save_strategy no
     --report_to none --use_cpu True --seed "$SEED" --data_seed "$SEED" --dataloader_num_workers 0
-    --disable_tqdm True --visual-layer 3)
+    --disable_tqdm True --visual-layer 3 --lazy_preprocess False)
 # phase 1: stage-1 pruning in the loop (as the paper fine-tunes), scored at the tower's last layer (whose CLS was
 # trained to find the objects): the answers are looked for among the ~15 % of patches the CLS ranks first
 python -m llava.train.train --model_name_or_path "$WORK/init" --vision_tower "$WORK/clip" \

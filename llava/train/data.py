@@ -206,7 +206,9 @@ def word_count(record: dict[str, Any]) -> int:
 class LazySupervisedDataset(Dataset):
     """Records are tokenised and their images loaded when asked for, so start-up stays fast on 665k samples.
 
-    ``on_bad_sample="skip"`` logs the sample's id and reason at warning level and serves the next good record
+    ``keep_token_ids=True`` (``--lazy_preprocess False``) keeps each record's ids after its first use, so later
+    epochs skip the tokenizer: worth it for many epochs over a small set (the demo model), not for 665k records
+    seen once. ``on_bad_sample="skip"`` logs the sample's id and reason at warning level and serves the next good record
     instead; the default raises, naming the id.
     """
 
@@ -220,6 +222,7 @@ class LazySupervisedDataset(Dataset):
         image_aspect_ratio: str | None = "pad",
         max_length: int | None = None,
         on_bad_sample: str = "error",
+        keep_token_ids: bool = False,
     ) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
@@ -234,6 +237,7 @@ class LazySupervisedDataset(Dataset):
         self.image_aspect_ratio = image_aspect_ratio
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
+        self.kept_ids: dict[int, TokenizedSample] | None = {} if keep_token_ids else None
         with_images = sum("image" in record for record in self.records)
         if with_images and (image_processor is None or self.image_folder is None):
             raise ValueError(
@@ -267,7 +271,7 @@ class LazySupervisedDataset(Dataset):
         record = self.records[index]
         has_image = "image" in record
         try:
-            sample = preprocess(record, self.tokenizer, self.template, has_image, self.max_length)
+            sample = self.tokenized(index)
             image = self.load_image(record["image"]) if has_image else None
         except (ValueError, OSError) as err:
             raise DataError(f"{self.sample_name(index)}: {err}") from err
@@ -276,6 +280,15 @@ class LazySupervisedDataset(Dataset):
             "labels": torch.tensor(sample.labels, dtype=torch.long),
             "image": image,
         }
+
+    def tokenized(self, index: int) -> TokenizedSample:
+        if self.kept_ids is not None and index in self.kept_ids:
+            return self.kept_ids[index]
+        record = self.records[index]
+        sample = preprocess(record, self.tokenizer, self.template, "image" in record, self.max_length)
+        if self.kept_ids is not None:
+            self.kept_ids[index] = sample
+        return sample
 
     def load_image(self, relative: str) -> torch.Tensor:
         image = load_image(self.image_folder / relative)

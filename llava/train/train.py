@@ -64,7 +64,13 @@ class DataArguments:
     data_path: str = field(metadata={"help": "conversation JSON (llava_v1_5_mix665k.json format) or JSON lines"})
     image_folder: str | None = None
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (LLaVA-1.5) or square"})
-    lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for upstream scripts; always lazy"})
+    lazy_preprocess: bool = field(
+        default=True,
+        metadata={
+            "help": "False: keep each record's token ids after its first use (later epochs skip the tokenizer); "
+            "records and images are still read lazily"
+        },
+    )
     is_multimodal: bool = field(default=False, metadata={"help": "accepted for upstream scripts; from the model"})
     on_bad_sample: str = field(
         default="error", metadata={"help": "error: stop naming the sample; skip: log its id and use the next one"}
@@ -267,6 +273,7 @@ def build_dataset(
         image_aspect_ratio=data_args.image_aspect_ratio,
         max_length=training_args.model_max_length,
         on_bad_sample=data_args.on_bad_sample,
+        keep_token_ids=not data_args.lazy_preprocess,
     )
     image_shape = None
     if processor is not None:
