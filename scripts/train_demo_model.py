@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from eval.synthetic import CATEGORIES, SHORT, record_kind, tokenizer_corpus
+from eval.synthetic import CATEGORIES, record_kind, tokenizer_corpus
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.model.tiny import TinySpec, llm_config_kwargs, write_tiny_llava
@@ -220,13 +220,10 @@ def init_projector(model_dir: Path, head_file: Path) -> None:
     print(f"projector of {model_dir}: category log-odds from {head_file}, category units -> their words' embeddings")
 
 
-def select_records(
-    data: Path, kinds: list[str], out: Path, per_image: bool = False, instruction_once: bool = False
-) -> None:
+def select_records(data: Path, kinds: list[str], out: Path, per_image: bool = False) -> None:
     """The records of train.json whose id ends in one of ``kinds`` ("pope", "vqa", ...), in their order. With
     ``per_image`` an image's chosen records become one multi-turn record (turns in train.json's order, the image
-    token in the first), so one pass of the tower serves all of that image's questions. With ``instruction_once``
-    only a record's first question keeps the answer-format line (the later turns are 12 tokens shorter each)."""
+    token in the first), so one pass of the tower serves all of that image's questions."""
     records = json.loads((data / "train.json").read_text())
     found = {record_kind(record) for record in records}
     unknown = [kind for kind in kinds if kind not in found]
@@ -235,8 +232,6 @@ def select_records(
     chosen = [record for record in records if record_kind(record) in kinds]
     if per_image:
         chosen = merge_per_image(chosen, "+".join(kinds))
-    if instruction_once:
-        chosen = [format_line_once(record) for record in chosen]
     out.write_text(json.dumps(chosen, indent=1) + "\n")
     print(
         f"{out}: {len(chosen)} records ({', '.join(kinds)}{', one per image' if per_image else ''}) from {len(records)}"
@@ -256,15 +251,6 @@ def merge_per_image(records: list[dict], kind: str) -> list[dict]:
                 for turn in record["conversations"]
             ]
     return list(merged.values())
-
-
-def format_line_once(record: dict) -> dict:
-    """The record with the short-answer line ("\\nAnswer the question using a single word or phrase.") removed
-    from every human turn but the first: the evaluation prompt, a single turn, still ends with it."""
-    turns = [dict(turn) for turn in record["conversations"]]
-    for turn in [t for t in turns if t["from"] == "human"][1:]:
-        turn["value"] = turn["value"].removesuffix(f"\n{SHORT}")
-    return {**record, "conversations": turns}
 
 
 def finalize(trained: Path, out: Path, tower_dir: Path, tower_name: str) -> None:
@@ -314,7 +300,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kinds", required=True, help="comma-separated record kinds, e.g. pope,vqa")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--per-image", action="store_true", help="one multi-turn record per image")
-    p.add_argument("--instruction-once", action="store_true", help="the short-answer line on a record's first turn only")
     p = sub.add_parser("finalize")
     p.add_argument("--trained", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -328,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.step == "init-projector":
         init_projector(args.model, args.head)
     elif args.step == "select-records":
-        select_records(args.data, args.kinds.split(","), args.out, args.per_image, args.instruction_once)
+        select_records(args.data, args.kinds.split(","), args.out, args.per_image)
     else:
         finalize(args.trained, args.out, args.tower, args.tower_name)
 

@@ -19,7 +19,7 @@ WORK=${WORK:-output/demo-train}
 SEED=${SEED:-0}
 TRAIN_IMAGES=${TRAIN_IMAGES:-2400}
 TOWER_STEPS=${TOWER_STEPS:-600}
-PHASE1_STEPS=${PHASE1_STEPS:-1700}
+PHASE1_STEPS=${PHASE1_STEPS:-1600}
 PHASE2_STEPS=${PHASE2_STEPS:-300}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 
@@ -31,9 +31,8 @@ python scripts/train_demo_model.py pretrain-tower --data "$WORK/data" --tower "$
 python scripts/train_demo_model.py init-projector --model "$WORK/init" --head "$WORK/patch_head.pt"
 # the LLM trains on the POPE and short-answer VQA records: the VQA answers name an attribute of the asked object,
 # the first-order path that lets a Llama from scratch learn to find objects before POPE's yes/no (docs/demo.md);
-# one multi-turn record per image, so each pass of the tower serves all of the image's questions; the short-answer
-# line only on its first question (the evaluation prompt's single turn keeps it; later turns are 12 tokens shorter)
-python scripts/train_demo_model.py select-records --data "$WORK/data" --kinds pope,vqa --per-image --instruction-once \
+# one multi-turn record per image, so each pass of the tower serves all of the image's questions
+python scripts/train_demo_model.py select-records --data "$WORK/data" --kinds pope,vqa --per-image \
     --out "$WORK/data/train_pope_vqa.json"
 COMMON=(--version v1 --data_path "$WORK/data/train_pope_vqa.json" --image_folder "$WORK/data/images" --image_aspect_ratio pad
     --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --unfreeze_mm_vision_tower True

@@ -14,6 +14,7 @@ import torch
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import tokenizer_image_token
 from llava.tokenization import load_tokenizer
+from llava.train import data as data_module
 from llava.train.data import (
     DataError,
     LazySupervisedDataset,
@@ -281,6 +282,31 @@ def test_skip_policy_logs_the_id_and_serves_the_next_record(image_data, tiny_tok
         item = dataset[2]
     assert torch.equal(item["input_ids"], dataset[3]["input_ids"])
     assert "skipping sample 42 (record 2" in caplog.text
+
+
+def test_keep_token_ids_tokenizes_each_record_once_and_serves_the_same_samples(
+    image_data, tiny_tokenizer, tiny_model, monkeypatch
+):
+    kwargs = dict(image_folder=image_data, image_processor=tiny_model[2])
+    lazy = LazySupervisedDataset(image_data / "data.json", tiny_tokenizer, V1, **kwargs)
+    keeping = LazySupervisedDataset(image_data / "data.json", tiny_tokenizer, V1, keep_token_ids=True, **kwargs)
+    calls = []
+    original = data_module.preprocess
+
+    def counting_preprocess(record, *args, **kwargs):
+        calls.append(record["id"])
+        return original(record, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "preprocess", counting_preprocess)
+    for _ in range(3):
+        for index in (0, 1, 3):
+            assert torch.equal(keeping[index]["input_ids"], lazy[index]["input_ids"])
+            assert torch.equal(keeping[index]["labels"], lazy[index]["labels"])
+    assert calls.count(IMAGE_ONE_TURN["id"]) == 3 + 1  # the lazy dataset's 3 uses + the keeping one's first
+    assert sorted(keeping.kept_ids) == [0, 1, 3]
+    with pytest.raises(DataError, match=r"sample 42 \(record 2 .*missing.png"):
+        keeping[2]  # errors still name the sample, every time
+    assert lazy.kept_ids is None
 
 
 def test_images_without_a_vision_tower_are_refused(image_data, tiny_tokenizer):

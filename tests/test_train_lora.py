@@ -274,6 +274,18 @@ def test_a_visual_layer_the_tower_lacks_fails_at_start_up(workspace, tmp_path):
         train_module.build_model(*args[:3], args[3])
 
 
+def test_lazy_preprocess_false_keeps_the_token_ids(workspace, tmp_path):
+    for flag, keeps in (("True", False), ("False", True)):
+        args = train_module.parse_args([*train_args(workspace, tmp_path / "x"), "--lazy_preprocess", flag])
+        model, tokenizer, _ = train_module.build_model(*args[:3], args[3])
+        dataset, _ = train_module.build_dataset(model, tokenizer, *args[:3])
+        dataset[0]
+        if keeps:
+            assert list(dataset.kept_ids) == [0]
+        else:
+            assert dataset.kept_ids is None
+
+
 def test_unfrozen_tower_trains_at_its_own_rate_and_the_tuned_tower_loads(workspace, tmp_path):
     out = tmp_path / "llava-v1.5-tiny-tower-lora"
     args = [a for a in train_args(workspace, out) if a not in (str(workspace["adapter"]), "--pretrain_mm_mlp_adapter")]

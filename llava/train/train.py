@@ -67,8 +67,8 @@ class DataArguments:
     lazy_preprocess: bool = field(
         default=True,
         metadata={
-            "help": "False: keep each record's token ids after its first use (later epochs skip the tokenizer); "
-            "records and images are still read lazily"
+            "help": "False: keep each record's token ids and image tensor after its first use (later epochs skip "
+            "the tokenizer and the image processor; for many epochs over a small set)"
         },
     )
     is_multimodal: bool = field(default=False, metadata={"help": "accepted for upstream scripts; from the model"})
@@ -273,7 +273,7 @@ def build_dataset(
         image_aspect_ratio=data_args.image_aspect_ratio,
         max_length=training_args.model_max_length,
         on_bad_sample=data_args.on_bad_sample,
-        keep_token_ids=not data_args.lazy_preprocess,
+        keep_loaded=not data_args.lazy_preprocess,
     )
     image_shape = None
     if processor is not None:
