@@ -284,12 +284,12 @@ def test_skip_policy_logs_the_id_and_serves_the_next_record(image_data, tiny_tok
     assert "skipping sample 42 (record 2" in caplog.text
 
 
-def test_keep_token_ids_tokenizes_each_record_once_and_serves_the_same_samples(
+def test_keep_loaded_tokenizes_and_loads_each_record_once_and_serves_the_same_samples(
     image_data, tiny_tokenizer, tiny_model, monkeypatch
 ):
     kwargs = dict(image_folder=image_data, image_processor=tiny_model[2])
     lazy = LazySupervisedDataset(image_data / "data.json", tiny_tokenizer, V1, **kwargs)
-    keeping = LazySupervisedDataset(image_data / "data.json", tiny_tokenizer, V1, keep_token_ids=True, **kwargs)
+    keeping = LazySupervisedDataset(image_data / "data.json", tiny_tokenizer, V1, keep_loaded=True, **kwargs)
     calls = []
     original = data_module.preprocess
 
@@ -298,15 +298,19 @@ def test_keep_token_ids_tokenizes_each_record_once_and_serves_the_same_samples(
         return original(record, *args, **kwargs)
 
     monkeypatch.setattr(data_module, "preprocess", counting_preprocess)
+    images = []
+    monkeypatch.setattr(keeping, "load_image", lambda name: images.append(name) or lazy.load_image(name))
     for _ in range(3):
         for index in (0, 1, 3):
-            assert torch.equal(keeping[index]["input_ids"], lazy[index]["input_ids"])
-            assert torch.equal(keeping[index]["labels"], lazy[index]["labels"])
-    assert calls.count(IMAGE_ONE_TURN["id"]) == 3 + 1  # the lazy dataset's 3 uses + the keeping one's first
-    assert sorted(keeping.kept_ids) == [0, 1, 3]
+            for key in ("input_ids", "labels", "image"):
+                want, got = lazy[index][key], keeping[index][key]
+                assert (got is None and want is None) or torch.equal(got, want), (index, key)
+    assert calls.count(IMAGE_ONE_TURN["id"]) == 3 * 3 + 1  # the lazy dataset's 9 uses + the keeping one's first
+    assert sorted(images) == ["a.png", "b.png"]
+    assert sorted(keeping.kept) == [0, 1, 3]
     with pytest.raises(DataError, match=r"sample 42 \(record 2 .*missing.png"):
         keeping[2]  # errors still name the sample, every time
-    assert lazy.kept_ids is None
+    assert lazy.kept is None
 
 
 def test_images_without_a_vision_tower_are_refused(image_data, tiny_tokenizer):

@@ -281,9 +281,9 @@ def test_lazy_preprocess_false_keeps_the_token_ids(workspace, tmp_path):
         dataset, _ = train_module.build_dataset(model, tokenizer, *args[:3])
         dataset[0]
         if keeps:
-            assert list(dataset.kept_ids) == [0]
+            assert list(dataset.kept) == [0]
         else:
-            assert dataset.kept_ids is None
+            assert dataset.kept is None
 
 
 def test_unfrozen_tower_trains_at_its_own_rate_and_the_tuned_tower_loads(workspace, tmp_path):
