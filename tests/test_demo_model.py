@@ -76,27 +76,29 @@ def _accuracy(summary: dict, setting: str) -> float:
 
 
 def test_the_model_reads_the_image(summary: dict) -> None:
-    """Chance is 50 % (POPE is balanced); measured 87-88 % unpruned on 40 images (docs/demo.md)."""
+    """Chance is 50 % (POPE is balanced); measured 87-90 % unpruned on 40 images (docs/demo.md)."""
     assert _accuracy(summary, "none") >= 75
     assert _accuracy(summary, "stage1") >= 75
 
 
-def test_stage1_keeps_the_f1_with_about_a_quarter_of_the_tokens(summary: dict) -> None:
-    """Acceptance: >= 95 % of the unpruned F1 with <= 35 % of the tokens (measured 97.7 % with 22 %, 40 images)."""
+def test_stage1_keeps_the_f1_with_about_a_fifth_of_the_tokens(summary: dict) -> None:
+    """Acceptance: >= 95 % of the unpruned F1 with <= 35 % of the tokens (measured 100 % with 19 % on 40 images,
+    99.8 % with 19 % on these 12)."""
     results = summary["results"]
     unpruned, ours = results["none"], results["stage1"]
-    assert ours["mean_f1"] >= 0.9 * unpruned["mean_f1"]
+    assert ours["mean_f1"] >= 0.95 * unpruned["mean_f1"]
     assert ours["tokens"]["visual_after"] <= 0.35 * 576
 
 
 def test_unpruned_f1_is_near_the_acceptance_target(summary: dict) -> None:
-    """The target is F1 >= 90 on the held-out set; measured 87.3 on 40 images (582 questions, docs/demo.md), above
-    90 on this 12-image subset, so the subset cannot decide the target: this guards against a regression."""
-    assert summary["results"]["none"]["mean_f1"] >= 80
+    """The target is F1 >= 90 on the held-out set; measured 89.0 on 40 images (582 questions), 89.1 on 100 and 89.7
+    on this 12-image subset (docs/demo.md), too few questions to decide the target: this guards against a
+    regression."""
+    assert summary["results"]["none"]["mean_f1"] >= 85
 
 
 def test_kept_patches_concentrate_on_objects(tmp_path: Path) -> None:
-    """Target 3x (measured 4.2x on the demo's 40 held-out images, docs/demo.md); 20 images here."""
+    """Target 3x (measured 4.6x on the demo's 40 held-out images, docs/demo.md); 20 images here."""
     generate(tmp_path, num_images=20, seed=demo.TEST_SEED, split="test")
     _, model, processor, _ = load_pretrained_model(str(CHECKPOINT), device="cpu", vision_tower=str(TOWER))
     names = sorted(p.name for p in (tmp_path / "images").iterdir())
