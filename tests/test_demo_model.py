@@ -8,16 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from eval.synthetic import generate
 from llava import demo
 from llava.model.builder import checkpoint_tensors, load_pretrained_model
-from pruning.calibrate import object_concentration
 
 CHECKPOINT = demo.DEMO_MODEL
 TOWER = demo.DEMO_TOWER
@@ -94,15 +90,9 @@ def test_unpruned_f1_reaches_the_acceptance_target(summary: dict) -> None:
     assert summary["results"]["none"]["mean_f1"] >= 90
 
 
-def test_kept_patches_concentrate_on_objects(tmp_path: Path) -> None:
-    """Target 3x (measured 6.4x on the demo's 40 held-out images, docs/demo.md); 20 images here."""
-    generate(tmp_path, num_images=20, seed=demo.TEST_SEED, split="test")
-    _, model, processor, _ = load_pretrained_model(str(CHECKPOINT), device="cpu", vision_tower=str(TOWER))
-    names = sorted(p.name for p in (tmp_path / "images").iterdir())
-    masks = [torch.from_numpy(np.array(Image.open(tmp_path / "masks" / name))) for name in names]
-    stage1 = demo.settings(model.pruning_config, None)["stage1"]
-    passes = demo.tower_pass(model, processor, names, tmp_path / "images", stage1)
-    found = object_concentration([out.indices[0][: int(out.kept[0])] for _, out in passes], masks, 24)
+def test_kept_patches_concentrate_on_objects(summary: dict) -> None:
+    """Target 3x (measured 6.4x on these 40 images, docs/demo.md), from the object masks as the demo reports it."""
+    found = summary["object_concentration"]["stage1"]
     assert found["concentration"] >= 3.0
     assert found["mean_kept"] <= 0.5 * 576 and 0 < found["object_cover"] < 0.15
 
