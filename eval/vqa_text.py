@@ -3,7 +3,8 @@
 Both benchmarks are scored by the official VQA rules (also used by EvalAI and MMF's m4c evaluator): answers are
 normalised (lower case, punctuation, periods, number words to digits, articles, contractions), and a prediction
 earns, averaged over the 10 leave-one-out subsets of the 10 human answers (10 choose 9), min(1, matches / 3).
-Numbers must match those servers, so the rules below follow them exactly, quirks included (see ``_PERIOD``).
+Numbers must match those servers, so the rules below follow them exactly, quirks included (see ``_PERIOD`` and
+``OFFICIAL_PERIOD_LIMIT``).
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ _DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
 # A period not followed by a digit is dropped, so "3.5" survives and "cat." does not. The official pattern's
 # "(?!<=\d)" is a typo for a look-behind and never fires; reproducing the pattern keeps "2." -> "2" as upstream.
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# The official code calls periodStrip.sub("", text, re.UNICODE): the flag lands in re.sub's count argument, so at
+# most int(re.UNICODE) = 32 periods go (GT-Vision-Lab/VQA vqaEval.py; MMF's and LLaVA's m4c evaluator likewise).
+# "yes" followed by 40 periods keeps 8 of them and matches no human answer.
+OFFICIAL_PERIOD_LIMIT = 32
 
 HUMAN_ANSWERS = 10
 
@@ -184,7 +189,7 @@ def process_punctuation(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=OFFICIAL_PERIOD_LIMIT)
 
 
 def process_digit_article(text: str) -> str:

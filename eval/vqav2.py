@@ -9,7 +9,8 @@ split show up as ``missing``; the rest of test2015 is expected to be empty.
 Local accuracy (``--annotation-file`` v2_mscoco_val2014_annotations.json, optionally ``--question-json``
 v2_OpenEnded_mscoco_val2014_questions.json to fix the question set): each answer is normalised as for a submission
 and scored by the official VQA evaluation (10-choose-9 soft accuracy), overall and per answer type (yes/no,
-number, other), in percent. An unanswered or failed question scores 0 (the official script refuses such a file).
+number, other), in percent. An unanswered or failed question scores 0 (the official script refuses such a file);
+an answer that normalises to "" is compared with the human answers like any other, as the official code does.
 
     python -m eval.vqav2 --test-file llava_vqav2_mscoco_test2015.jsonl --result-file merge.jsonl
         --out answers_upload/llava_vqav2_mscoco_test-dev2015/ckpt.json [--question-file <test-dev jsonl>]
@@ -92,11 +93,18 @@ def load_val(annotation_file: Path, question_json: Path | None) -> list[dict[str
     return [by_id[str(q["question_id"])] for q in questions]
 
 
-def local_accuracy(entries: list[dict[str, Any]], annotations: list[dict[str, Any]]) -> dict[str, float]:
+def local_accuracy(
+    entries: list[dict[str, Any]], annotations: list[dict[str, Any]], answered: set[str]
+) -> dict[str, float]:
+    """Official accuracy over ``annotations``; a question outside ``answered`` (no answer, or a failed run) scores 0.
+
+    An answer that normalises to "" is still compared with the humans, as the official code does: it matches
+    human answers that process to "" too (e.g. "a" / "the" among disagreeing humans).
+    """
     scores: dict[str, list[float]] = defaultdict(list)
     for entry, annotation in zip(entries, annotations, strict=True):
         humans = [a["answer"] for a in annotation["answers"]]
-        accuracy = vqav2_accuracy(entry["answer"], humans) if entry["answer"] else 0.0
+        accuracy = vqav2_accuracy(entry["answer"], humans) if str(entry["question_id"]) in answered else 0.0
         scores[annotation["answer_type"]].append(accuracy)
         scores["overall"].append(accuracy)
     return {kind: 100.0 * ratio(sum(scores[kind]), len(scores[kind])) for kind in ("overall", *ANSWER_TYPES)}
@@ -152,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{len(missing)} questions of the run have no answer: {id_list(missing)}")
 
     if annotations:
-        metrics["accuracy"] = local_accuracy(entries, annotations)
+        answered = {key for key, row in answers.items() if answer_text(row, source) is not None}
+        metrics["accuracy"] = local_accuracy(entries, annotations, answered)
         print(format_table(["answer type", "accuracy %"], [[k, v] for k, v in metrics["accuracy"].items()]))
         headline, extra = metrics["accuracy"]["overall"], {}
     else:

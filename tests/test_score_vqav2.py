@@ -106,3 +106,16 @@ def test_bad_annotations_are_named(tmp_path):
     path.write_text(json.dumps({"annotations": [annotation(5, "other", ["a"] * 3)]}))
     with pytest.raises(EvalInputError, match="question_id 5.*expected 10 human answers"):
         vqav2.main(["--annotation-file", str(path), "--result-file", str(answers)])
+
+
+def test_answer_normalised_to_empty_is_still_compared_with_the_humans(tmp_path):
+    # Disagreeing humans are processed too: "a" and "the" both become "", which the answer "The" matches.
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"annotations": [annotation(20, "other", ["a"] * 4 + ["the"] * 6)]}))
+    answers = write_jsonl(tmp_path / "merge.jsonl", [answer(20, "The")])
+    result = vqav2.main(["--annotation-file", str(path), "--result-file", str(answers)])
+    assert result["metrics"]["empty_after_normalisation"] == 1
+    assert result["headline"] == pytest.approx(100.0)
+    # A failed run is not an answer, even though its submitted entry is "" as well.
+    failed = write_jsonl(tmp_path / "failed.jsonl", [answer(20, error="oom")])
+    assert vqav2.main(["--annotation-file", str(path), "--result-file", str(failed)])["headline"] == 0.0

@@ -73,3 +73,13 @@ def test_human_answers_must_be_ten_strings():
         human_answers(["a"] * 9 + [float("nan")], "q3")
     with pytest.raises(ValueError):
         leave_one_out_accuracy("a", [])
+
+
+def test_at_most_32_periods_are_stripped_as_in_the_official_code():
+    # vqaEval.py passes re.UNICODE (32) as re.sub's count: a 41st-character tail of 8 periods survives.
+    assert normalize_answer("yes" + "." * 32) == "yes"
+    assert normalize_answer("yes" + "." * 40) == "yes" + "." * 8
+    assert textvqa_accuracy("yes" + "." * 40, ["yes"] * 10) == 0.0
+    assert textvqa_accuracy("yes" + "." * 32, ["yes"] * 10) == 1.0
+    assert vqav2_accuracy("yes" + "." * 40, ["yes"] * 9 + ["no"]) == 0.0
+    assert vqav2_accuracy("yes" + "." * 32, ["yes"] * 9 + ["no"]) == 1.0
