@@ -5,9 +5,12 @@ mis-scored. Here every question of the question file gets its label first, then 
 
 - labels: each ``coco_pope_<category>.json`` (JSON lines: question_id, image, text, label) is paired with the
   question-file lines of that category by id when the two id sets agree, otherwise in file order (POPE's own ids
-  restart in every file, LLaVA's do not); either way the image names must agree line by line, so a wrong pairing
-  is an error instead of a wrong score;
-- answers: upstream's parsing (first sentence; the words "No", "no" or "not" mean no, anything else yes);
+  restart in every file, LLaVA's do not); either way the image names and the questions (the first line of the
+  question file's text) must agree line by line, so a wrong pairing, even of two lines about the same image, is an
+  error instead of a wrong score;
+- answers are paired by question id, and an answer that records its ``prompt`` (the runners do) must ask the
+  question file's question: answers from another POPE set whose ids overlap are an error;
+- parsing is upstream's (first sentence; the words "No", "no" or "not" mean no, anything else yes);
   a question without an answer, or whose run failed, is scored as the wrong answer (a miss or a false alarm) and
   counted under ``unanswered``; ``yes_ratio`` is over the answered questions.
 
@@ -41,10 +44,20 @@ NO_WORDS = frozenset({"No", "no", "not"})
 
 
 def parse_yes_no(text: str) -> str:
-    """Upstream's rule, kept for comparable numbers: "Not sure." is no, "I see a dog" is yes."""
+    """Upstream's rule, kept for comparable numbers: only the whole words "No", "no" and "not" in the first sentence
+    mean no, so "Not sure." (capital "Not") and "I see a dog" are yes.
+
+    >>> [parse_yes_no(text) for text in ("Not sure.", "I see a dog", "No, it is not.", "Yes. It is not a cat")]
+    ['yes', 'yes', 'no', 'yes']
+    """
     first_sentence = text.split(".")[0]
     words = first_sentence.replace(",", "").split(" ")
     return "no" if NO_WORDS.intersection(words) else "yes"
+
+
+def question_line(text: Any) -> str | None:
+    """The question itself: the first line of a text or prompt (LLaVA's question file appends the instruction)."""
+    return text.split("\n", 1)[0].strip() if isinstance(text, str) else None
 
 
 def load_questions(path: Path) -> dict[str, dict[str, Any]]:
@@ -83,17 +96,33 @@ def load_labels(annotation_dir: Path, questions: dict[str, dict[str, Any]]) -> d
                 "and the ids do not match either"
             )
         for key, line in paired:
-            image, expected = questions[key].get("image"), line.get("image")
-            if image is not None and expected is not None and image != expected:
-                raise EvalInputError(
-                    f"{path}: question_id {questions[key]['question_id']!r} is about {image!r} but its label line "
-                    f"is about {expected!r}: the question file and the label file are not in the same order"
-                )
+            question = questions[key]
+            images = (question.get("image"), line.get("image"))
+            texts = (question_line(question.get("text")), question_line(line.get("text")))
+            for asked, labelled in (images, texts):
+                if asked is not None and labelled is not None and asked != labelled:
+                    raise EvalInputError(
+                        f"{path}: question_id {question['question_id']!r} is about {asked!r} but its label line is "
+                        f"about {labelled!r}: the label file is not in the question file's order, or from another set"
+                    )
         labels[category] = {key: line["label"] for key, line in paired}
     unlabelled = sorted({q["category"] for q in questions.values()} - set(labels))
     if unlabelled:
         raise EvalInputError(f"--annotation-dir {annotation_dir}: no coco_pope_<category>.json for {unlabelled}")
     return labels
+
+
+def check_answered_questions(
+    answers: dict[str, dict[str, Any]], questions: dict[str, dict[str, Any]], source: str
+) -> None:
+    """Ids alone cannot tell two POPE sets apart (both number from 1), so an answer's prompt must ask our question."""
+    for key, answer in answers.items():
+        asked, expected = question_line(answer.get("prompt")), question_line(questions[key].get("text"))
+        if asked is not None and expected is not None and asked != expected:
+            raise EvalInputError(
+                f"{source}: question_id {questions[key]['question_id']!r} answers {asked!r} but the question file "
+                f"asks {expected!r}: the answers come from another question file"
+            )
 
 
 def category_metrics(labels: dict[str, str], answers: dict[str, dict[str, Any]], source: str) -> dict[str, Any]:
@@ -138,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = read_jsonl(args.result_file)
     answers = answers_by_str_id(rows, source)
     check_known_ids(answers, questions, f"{source} (against {args.question_file})")
+    check_answered_questions(answers, questions, f"{source} (against {args.question_file})")
 
     per_category = {category: category_metrics(labels[category], answers, source) for category in labels}
     header = ["category", "count", "TP", "FP", "TN", "FN", "acc %", "precision %", "recall %", "F1 %", "yes %"]

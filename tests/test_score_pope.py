@@ -1,5 +1,6 @@
 """POPE scorer on hand-made POPE label files and a LLaVA question file; counts and F1 computed by hand."""
 
+import doctest
 import json
 import random
 
@@ -9,17 +10,19 @@ from eval import pope
 from eval.common import EvalInputError
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
-# (question id, category, image, label); POPE's own label files number their lines from 1 in each file.
+# (question id, category, image, object, label); POPE asks about several objects per image, and its own label files
+# number their lines from 1 in each file.
 QUESTIONS = [
-    (1, "adversarial", "a1.jpg", "yes"),
-    (2, "adversarial", "a2.jpg", "no"),
-    (3, "adversarial", "a3.jpg", "no"),
-    (4, "adversarial", "a4.jpg", "yes"),
-    (5, "random", "r1.jpg", "yes"),
-    (6, "random", "r2.jpg", "yes"),
-    (7, "random", "r3.jpg", "no"),
-    (8, "random", "r4.jpg", "yes"),
+    (1, "adversarial", "a1.jpg", "dog", "yes"),
+    (2, "adversarial", "a1.jpg", "cat", "no"),
+    (3, "adversarial", "a2.jpg", "dog", "no"),
+    (4, "adversarial", "a2.jpg", "cat", "yes"),
+    (5, "random", "r1.jpg", "dog", "yes"),
+    (6, "random", "r1.jpg", "cat", "yes"),
+    (7, "random", "r2.jpg", "bird", "no"),
+    (8, "random", "r2.jpg", "dog", "yes"),
 ]
+ASKED = {qid: f"Is there a {thing} in the image?" for qid, _, _, thing, _ in QUESTIONS}
 ANSWERS = {
     1: "Yes, there is a dog.",  # TP
     2: "No.",  # TN
@@ -42,22 +45,23 @@ def files(tmp_path):
     coco.mkdir()
     for category in ("adversarial", "random"):
         lines = [
-            {"question_id": n, "image": image, "text": "Is there a dog in the image?", "label": label}
-            for n, (_, _, image, label) in enumerate([q for q in QUESTIONS if q[1] == category], 1)
+            {"question_id": n, "image": image, "text": ASKED[qid], "label": label}
+            for n, (qid, _, image, _, label) in enumerate([q for q in QUESTIONS if q[1] == category], 1)
         ]
         write_jsonl(coco / f"coco_pope_{category}.json", lines)
     questions = [
-        {"question_id": qid, "image": image, "text": "Is there a dog in the image?" + SUFFIX, "category": category}
-        for qid, category, image, _ in QUESTIONS
+        {"question_id": qid, "image": image, "text": ASKED[qid] + SUFFIX, "category": category}
+        for qid, category, image, _, _ in QUESTIONS
     ]
     return coco, write_jsonl(tmp_path / "llava_pope_test.jsonl", questions)
 
 
 def write_answers(path, order=None, extra=()):
     rows = [
-        {"question_id": qid, "prompt": "p", "text": text, "tokens": {"kv_final": qid}} for qid, text in ANSWERS.items()
+        {"question_id": qid, "prompt": ASKED[qid] + SUFFIX, "text": text, "tokens": {"kv_final": qid}}
+        for qid, text in ANSWERS.items()
     ]
-    rows.append({"question_id": 8, "prompt": "p", "error": "image not found"})
+    rows.append({"question_id": 8, "prompt": ASKED[8] + SUFFIX, "error": "image not found"})
     if order is not None:
         random.Random(order).shuffle(rows)
     return write_jsonl(path, [*rows, *extra])
@@ -92,7 +96,8 @@ def test_counts_and_f1_by_hand(files, tmp_path, order):
     [("Yes", "yes"), ("No", "no"), ("no, it is not.", "no"), ("Not sure", "yes"), ("I see it. It is not", "yes")],
 )
 def test_parse_follows_upstream(text, expected):
-    # Upstream only looks at whole words of the first sentence ("Not" capitalised is not in its list).
+    # Upstream only looks at whole words of the first sentence ("Not" capitalised is not in its list), so "Not sure"
+    # is yes, as the docstring says.
     assert pope.parse_yes_no(text) == expected
 
 
@@ -111,8 +116,50 @@ def test_misordered_label_file_is_an_error(files, tmp_path):
     path = coco / "coco_pope_random.json"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     write_jsonl(path, [{**line, "question_id": 10 + n} for n, line in enumerate(lines[::-1])])
-    with pytest.raises(EvalInputError, match="question_id 5 is about 'r1.jpg' but its label line is about 'r4.jpg'"):
+    with pytest.raises(EvalInputError, match="question_id 5 is about 'r1.jpg' but its label line is about 'r2.jpg'"):
         run(files, write_answers(tmp_path / "answers.jsonl"))
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_swapped_label_lines_of_one_image_are_an_error(files, tmp_path, with_ids):
+    # Lines 1 and 2 of the random file are both about r1.jpg: only the question text tells them apart. Without ids
+    # the lines pair in file order; with ids (a label file from another set whose ids overlap) they pair by id.
+    coco, _ = files
+    path = coco / "coco_pope_random.json"
+    lines = read_lines(path)
+    lines[0], lines[1] = lines[1], lines[0]
+    if with_ids:
+        lines = [{**line, "question_id": 5 + n} for n, line in enumerate(lines)]
+    else:
+        lines = [{k: v for k, v in line.items() if k != "question_id"} for line in lines]
+    write_jsonl(path, lines)
+    with pytest.raises(EvalInputError) as error:
+        run(files, write_answers(tmp_path / "answers.jsonl"))
+    message = str(error.value)
+    assert str(path) in message and "question_id 5" in message
+    assert "'Is there a dog in the image?' but its label line is about 'Is there a cat in the image?'" in message
+
+
+def test_answers_from_another_pope_set_are_an_error(files, tmp_path):
+    # Another set numbered 1..8 too: same ids, other questions. Its answers must not be scored against our labels.
+    answers = write_answers(tmp_path / "answers.jsonl")
+    rows = read_lines(answers)
+    rows[2]["prompt"] = "Is there a bird in the image?" + SUFFIX  # question 3 asks about a dog here
+    write_jsonl(answers, rows)
+    with pytest.raises(EvalInputError) as error:
+        run(files, answers)
+    message = str(error.value)
+    assert str(answers) in message and "question_id 3" in message
+    assert (
+        "answers 'Is there a bird in the image?' but the question file asks 'Is there a dog in the image?'" in message
+    )
+    # answers without a prompt (older tools) cannot be checked and are scored by id as before
+    write_jsonl(answers, [{k: v for k, v in row.items() if k != "prompt"} for row in rows])
+    assert run(files, answers)["headline"] == pytest.approx((50 + 200 / 3) / 2)
 
 
 def test_bad_inputs_are_named(files, tmp_path):
@@ -126,3 +173,8 @@ def test_bad_inputs_are_named(files, tmp_path):
     write_jsonl(coco / "coco_pope_adversarial.json", [{"question_id": 1, "image": "a1.jpg", "label": "maybe"}])
     with pytest.raises(EvalInputError, match="coco_pope_adversarial.json: line 1: label must be 'yes' or 'no'"):
         run(files, write_answers(tmp_path / "c.jsonl"))
+
+
+def test_parse_yes_no_docstring_examples_hold():
+    results = doctest.testmod(pope, verbose=False)
+    assert results.attempted >= 1 and results.failed == 0
