@@ -11,14 +11,19 @@ the headline) counts a question right only when every copy of it is right: the o
 round r is mapped back to the original option through the answer's ``option_char`` (or the rotation itself).
 Unanswered rows or rounds, runner errors and unreadable answers count wrong and are reported.
 
-Letter extraction, first rule that applies (letters valid for the row's option count):
-  1. the whole answer is a letter, optionally bracketed or followed by "." or ":" ("B", "(B)", "B.");
-  2. it starts with a marked letter ("B. cat", "(B) cat", "B) cat", "B: cat");
-  3. "answer is B", "Answer: (B)", "答案是B", "答案：B";
-  4. exactly one distinct option letter stands alone (not inside a Latin word; "A" followed by a lower-case word
-     is read as the article);
-  5. the answer equals one option's text, or contains exactly one option's text (case-insensitive).
-Otherwise nothing is extracted and the answer counts wrong.
+Letter extraction is VLMEvalKit's exact-matching policy, the step its MMBench evaluation takes before (and, without
+a judge model, instead of) asking a GPT to map the answer: ``can_infer`` = ``can_infer_option``, then
+``can_infer_text``, in vlmeval/utils/matching_util.py of open-compass/VLMEvalKit at commit
+e8e78f05f3080fe28154f2130321f17951c3be94 (the file as of 2cf2a36c). The valid letters are those of the shown options.
+  1. Refusals ("Cannot determine the answer", ...) pick nothing.
+  2. The marks ``.()[],:;!*#{}`` become spaces and the answer is split into words. If exactly one valid letter is a
+     word and its first occurrence is among the last four words, it is the answer: "B", "(B) cat", "A is correct.",
+     "A is the answer", "I pick B here". A lone "Z" with no letter picks nothing.
+  3. "answer is B" / "correct answer is **B**" (any case) picks B when B is valid. Like VLMEvalKit this reads the
+     first letter after "answer is", so "The answer is a dog" picks A and "answer is definitely" picks D.
+  4. Otherwise, unless the answer is longer than twice the options' total length, the one option whose text it
+     contains (case-insensitive) is the answer; none or several pick nothing ("1000" contains "1", "10", "100").
+An answer that picks nothing counts wrong ("unparsed"): "答案是B", "A dog and a bird" (the letter comes too early).
 
     python -m eval.mmbench --annotation-file mmbench_dev_20230712.tsv --result-file answers/mmbench_dev/ckpt.jsonl
         --upload-dir answers_upload/mmbench_dev --experiment ckpt [--lang en|cn] [--result-json results/ckpt.json]
@@ -53,30 +58,55 @@ DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-categor
 CIRCULAR_STRIDE = 1_000_000
 SERVER_NOTE = "no answer column: MMBench test is scored by the OpenCompass server: submit the --upload-dir .xlsx"
 
-_WHOLE = re.compile(r"^\s*[(\[]?([A-Z])[)\]]?\s*[.:]?\s*$")
-_LEADING = re.compile(r"^\s*(?:[(\[]([A-Z])[)\]]|([A-Z])[.:)])(?:\s|$)")
-_ANSWER_IS = re.compile(r"(?:[Aa]nswer\s*(?:is|:)|答案\s*(?:是|为|：|:))\s*[:：]?\s*[(\[（]?([A-Z])(?![A-Za-z])")
-_ALONE = re.compile(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])")
-_ARTICLE_A = re.compile(r"(?<![A-Za-z])A (?=[a-z])")
+# VLMEvalKit's constants (see the module docstring): answers that refuse, the marks that separate words, how close
+# to the end a lone letter must stand, and its "answer is X" pattern (no word boundary after the letter).
+REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+API_FAILURE = "Failed to obtain answer via API"
+_WORD_MARKS = re.compile(r"[.()\[\],:;!*#{}]")
+LETTER_WITHIN_LAST = 4
+_ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([ABCD])\**", re.IGNORECASE)
+NO_CHOICE = "Z"  # VLMEvalKit's "no option": ends the search, counts wrong
+
+
+def letter_from_words(text: str, letters: str) -> str | None:
+    """VLMEvalKit's can_infer_option: a valid letter, NO_CHOICE, or None to go on to the option texts."""
+    if API_FAILURE in text:
+        return None
+    if any(refusal in text for refusal in REFUSALS):
+        return NO_CHOICE
+    words = _WORD_MARKS.sub(" ", text).split()
+    named = [letter for letter in letters if letter in words]
+    if len(named) == 1 and words.index(named[0]) >= len(words) - LETTER_WITHIN_LAST:
+        return named[0]
+    if not named and NO_CHOICE in words:
+        return NO_CHOICE
+    match = _ANSWER_IS.search(text)
+    if match and match.group(1).upper() in letters:
+        return match.group(1).upper()
+    return None
+
+
+def letter_from_option_text(text: str, options: list[str], letters: str) -> str | None:
+    """VLMEvalKit's can_infer_text: the only option whose text a not-too-long answer contains."""
+    lowered = text.lower()
+    if len(lowered) > 2 * sum(len(option) for option in options):
+        return None
+    found = [letter for letter, option in zip(letters, options, strict=True) if option.lower() in lowered]
+    return found[0] if len(found) == 1 else None
 
 
 def extract_letter(text: str, options: list[str]) -> str | None:
     """The option letter an answer picks, by the rules in the module docstring (None when it picks none)."""
-    letters = "ABCDEFGH"[: len(options)]
-    for pattern in (_WHOLE, _LEADING, _ANSWER_IS):
-        match = pattern.search(text)
-        if match:
-            return next(group for group in match.groups() if group)
-    alone = {letter for letter in _ALONE.findall(_ARTICLE_A.sub(" ", text)) if letter in letters}
-    if len(alone) == 1:
-        return alone.pop()
-    lowered = text.strip().rstrip(".").strip().lower()
-    texts = [option.strip().lower() for option in options]
-    exact = [letter for letter, option in zip(letters, texts, strict=True) if option and option == lowered]
-    if len(exact) == 1:
-        return exact[0]
-    inside = [letter for letter, option in zip(letters, texts, strict=True) if option and option in lowered]
-    return inside[0] if len(inside) == 1 else None
+    letters = "".join(OPTION_COLUMNS[: len(options)])
+    letter = letter_from_words(text, letters)
+    if letter == NO_CHOICE:
+        return None
+    return letter or letter_from_option_text(text, options, letters)
 
 
 def is_none(value: Any) -> bool:

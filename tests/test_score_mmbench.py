@@ -18,7 +18,7 @@ ROWS = [
     (3, ["1", "10", "100", "1000"], "D", "count", "reasoning"),
     (4, ["x", "y"], "A", "color", "perception"),
 ]
-ANSWERS = {1: "B", 1000001: "A. dog", 2: "The answer is A", 1000002: "A", 3: "1000"}  # 4 is unanswered
+ANSWERS = {1: "B", 1000001: "A. dog", 2: "The answer is A", 1000002: "A", 3: "(D) 1000"}  # 4 is unanswered
 
 
 def write_tsv(path, rows, with_answer=True):
@@ -79,7 +79,7 @@ def test_single_pass_and_circular_by_hand(tmp_path):
 
     upload = pd.read_excel(tmp_path / "upload" / "ckpt.xlsx")
     assert list(upload.columns) == ["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"]
-    assert upload["prediction"].tolist()[:5] == ["B", "A. dog", "The answer is A", "A", "1000"]
+    assert upload["prediction"].tolist()[:5] == ["B", "A. dog", "The answer is A", "A", "(D) 1000"]
     assert pd.isna(upload["prediction"].iloc[5])
 
 
@@ -124,17 +124,36 @@ def test_all_rounds_answers_are_circular(tmp_path, with_option_char):
         ("(C) bird", "C"),
         ("The answer is C.", "C"),
         ("Answer: (B)", "B"),
-        ("答案是B", "B"),
         ("I pick B here", "B"),
         ("It is a dog.", "B"),
         ("bird", "C"),
-        ("A dog and a bird", None),
+        ("A dog and a bird", None),  # the lone A is not among the last four words; two option texts
         ("B or C", None),
         ("no idea", None),
+        # VLMEvalKit's rules: a lone capital near the end is the letter, even "A" followed by a word ...
+        ("A is correct.", "A"),
+        ("A is the answer", "A"),
+        ("**C**", "C"),
+        # ... but not when it opens a longer answer; then "answer is X" decides, then the option texts
+        ("B is right because the cat sits on the mat", None),
+        ("Looking at the picture, I think the right one is C", "C"),  # C is among the last four words
+        ("The correct answer is **B**. Here the dog sits on the mat.", "B"),
+        ("The answer is a dog", "A"),  # VLMEvalKit's pattern reads the article: kept for comparable numbers
+        ("答案是B", None),  # no word boundary around B: VLMEvalKit leaves it to its GPT judge
+        ("Z", None),  # "none of the options"
+        ("Cannot determine the answer. It looks like a dog", None),  # a refusal picks nothing, whatever follows
+        ("I pick cat", "A"),
     ],
 )
 def test_letter_extraction(text, expected):
     assert mmbench.extract_letter(text, ["cat", "dog", "bird"]) == expected
+
+
+def test_option_text_needs_a_unique_containment():
+    # "1000" contains all four options' texts: VLMEvalKit picks none (no exact-match preference)
+    assert mmbench.extract_letter("1000", ["1", "10", "100", "1000"]) is None
+    assert mmbench.extract_letter("10", ["1", "10", "100", "1000"]) is None
+    assert mmbench.extract_letter("It is blue", ["red", "blue"]) == "B"
 
 
 def test_test_split_without_answers_only_writes_the_submission(tmp_path):
