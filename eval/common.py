@@ -3,7 +3,9 @@
 Answer lines are written by ``llava.eval`` runners; each carries upstream's fields (``question_id``, ``prompt``,
 ``text``, ``answer_id``, ``model_id``, ``metadata``) plus ``tokens``: a mapping of per-sample token statistics
 (``visual_before``, ``visual_after``, ``inflection``, ``prompt``, ``generated``, ``kv_final``; LLaVA-1.6 adds
-per-crop lists). Scorers never import model code.
+per-crop lists). Next to ``answers/x.jsonl`` the runner writes its run record ``answers/x.run.json`` (the model,
+pruning config, template, decoding settings; see ``llava/eval/run_record.py``), which ``write_result`` copies into
+the result JSON. Scorers never import model code.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ def answers_by_id(rows: Iterable[dict[str, Any]], source: str) -> dict[Any, dict
     return out
 
 
-def token_means(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """Mean of every numeric token statistic over the answers that carry it (lists are summed per answer)."""
+IMAGE_STATS = ("visual_before", "visual_after", "inflection")  # per image: means over the questions with an image
+
+
+def _stat_means(rows: list[dict[str, Any]]) -> dict[str, float]:
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for row in rows:
@@ -76,6 +80,61 @@ def token_means(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
             sums[key] = sums.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + 1
     return {key: sums[key] / counts[key] for key in sorted(sums)}
+
+
+def has_image(row: dict[str, Any]) -> bool:
+    """An answer to a question with an image: its tokens count visual tokens before pruning."""
+    before = (row.get("tokens") or {}).get("visual_before")
+    if isinstance(before, list):
+        before = sum(v for v in before if isinstance(v, (int, float)))
+    return isinstance(before, (int, float)) and not isinstance(before, bool) and before > 0
+
+
+def token_means(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Means of the token statistics: per question (every answer that carries the statistic; lists are summed per
+    answer) at the top level, as before, and ``per_image``: the visual statistics over the questions with an
+    image only, with ``image_questions`` counting those. A benchmark with text-only questions (ScienceQA) has a
+    lower per-question visual mean than per-image; the paper's tables mean tokens per image."""
+    rows = list(rows)
+    means: dict[str, Any] = _stat_means(rows)
+    with_image = [row for row in rows if has_image(row)]
+    per_image = _stat_means(with_image)
+    means["image_questions"] = len(with_image)
+    means["per_image"] = {key: per_image[key] for key in IMAGE_STATS if key in per_image}
+    return means
+
+
+def token_stat(tokens: dict[str, Any] | None, stat: str) -> float | None:
+    """The mean a table prints for ``stat``: per image for the visual statistics (when the result has them), per
+    question otherwise. Results written before per-image means existed fall back to the per-question mean."""
+    tokens = tokens or {}
+    per_image = tokens.get("per_image") if isinstance(tokens.get("per_image"), dict) else {}
+    value = per_image.get(stat) if stat in IMAGE_STATS and stat in per_image else tokens.get(stat)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
+
+
+def run_record_path(answers_file: str | Path) -> Path:
+    """The runner's record of what produced ``answers/x.jsonl``: ``answers/x.run.json`` (llava/eval/run_record.py
+    writes it; the name is the contract between the two)."""
+    answers_file = Path(answers_file)
+    return answers_file.with_name(answers_file.stem + ".run.json")
+
+
+def run_fields(answers_file: str | Path | None) -> dict[str, Any]:
+    """What a result JSON records about the run behind its answers: ``run`` (the whole record), ``model``
+    (the model path as given), ``config`` (the resolved pruning config) and ``label`` (the answers file's name,
+    CKPT in the scripts). Answers without a record (written by other tools) give only the label."""
+    if answers_file is None:
+        return {}
+    fields: dict[str, Any] = {"label": Path(answers_file).stem}
+    path = run_record_path(answers_file)
+    if path.is_file():
+        record = read_json(path)
+        if not isinstance(record, dict):
+            raise EvalInputError(f"{path}: a run record must be a JSON object")
+        fields.update(run=record, model=record.get("model_path"), config=record.get("pruning"))
+    return fields
 
 
 def check_finite(metrics: dict[str, Any], source: str) -> None:
@@ -93,16 +152,20 @@ def write_result(
     metrics: dict[str, Any],
     headline: float | None,
     count: int,
-    tokens: dict[str, float],
+    tokens: dict[str, Any],
+    result_file: str | Path | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Write the result JSON every scorer produces (and return it)."""
+    """Write the result JSON every scorer produces (and return it). ``result_file`` is the answers file scored;
+    its run record's settings are copied into the result (``run_fields``)."""
     result = {
         "benchmark": benchmark,
         "headline": headline,
         "count": count,
         "metrics": metrics,
         "tokens": tokens,
+        **({"result_file": str(result_file)} if result_file is not None else {}),
+        **run_fields(result_file),
         **extra,
     }
     check_finite({"headline": headline, **metrics}, benchmark)

@@ -12,7 +12,9 @@ over all questions. Differences from upstream, all deliberate:
 * a missing answer, or an answer line with ``error``, is reviewed without asking the judge as ``[null, 0]``: the
   model scores 0 and the reference mean is taken over the questions the judge saw. If a later rerun finds a real
   answer for it, the question is reviewed then and the new line supersedes the old;
-* the reviews file is appended to and flushed per question, so a rerun resumes where the last one stopped.
+* the reviews file is appended to and flushed per question, so a rerun resumes where the last one stopped; a review
+  of another answer than the one in the answers file now (``answer2_id`` differs: the answers were regenerated,
+  e.g. with ``--overwrite`` and new settings) is stale: it is dropped from the file and the question reviewed again.
 """
 
 from __future__ import annotations
@@ -110,6 +112,26 @@ def load_reviews(path: str | Path, known: set[str] | None = None) -> dict[str, d
     return reviews
 
 
+def drop_stale_reviews(
+    output: Path, done: dict[str, dict[str, Any]], answers: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The reviews that still review the current answers; the reviews file is rewritten whole without the others."""
+    stale = {
+        key
+        for key, row in done.items()
+        if row.get("answer2_id") is not None and (answers.get(key) or {}).get("answer_id") != row["answer2_id"]
+    }
+    if not stale:
+        return done
+    print(f"{output}: {len(stale)} review(s) of answers that were regenerated; reviewing them again", file=sys.stderr)
+    kept = [line for line in output.read_text(encoding="utf-8").splitlines(keepends=True)
+            if not line.strip() or qid(json.loads(line)["question_id"]) not in stale]  # fmt: skip
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(output)
+    return {key: row for key, row in done.items() if key not in stale}
+
+
 def review(
     questions: list[dict[str, Any]],
     contexts: dict[str, str],
@@ -127,7 +149,7 @@ def review(
     Inputs are validated for every question before the first judge call, so a bad file costs nothing.
     """
     output = Path(output)
-    done = load_reviews(output, {qid(q["question_id"]) for q in questions})
+    done = drop_stale_reviews(output, load_reviews(output, {qid(q["question_id"]) for q in questions}), answers)
     for q in questions:
         key = qid(q["question_id"])
         if f"llava_bench_{q.get('category')}" not in rules:
@@ -203,7 +225,12 @@ def summarize(reviews: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return metrics
 
 
-def report(reviews: list[dict[str, Any]], result_json: str | None, judge_info: dict[str, Any]) -> dict[str, Any]:
+def report(
+    reviews: list[dict[str, Any]],
+    result_json: str | None,
+    judge_info: dict[str, Any],
+    answers_file: str | None = None,
+) -> dict[str, Any]:
     metrics = summarize(reviews)
     header = ["category", "relative", "gpt4 x10", "model x10", "n", "unparsed", "no answer"]
     print(format_table(header, [[name, *(values[c] for c in _COLUMNS)] for name, values in metrics.items()]))
@@ -214,6 +241,7 @@ def report(reviews: list[dict[str, Any]], result_json: str | None, judge_info: d
         metrics["all"]["relative"],
         len(reviews),
         token_means(reviews),
+        result_file=answers_file,
         judge=judge_info,
     )
 
@@ -275,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"reviews in {args.output}; judge requests {judge.requests}, cache hits {judge.cache_hits}")
         if not args.no_summary:
-            report(list(reviews.values()), args.result_json, judge.describe())
+            report(list(reviews.values()), args.result_json, judge.describe(), args.answer_list[1])
     except (EvalInputError, JudgeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics["total"],
         len(records),
         token_means(rows),
+        result_file=args.result_file,
         judge=judge.describe(),
         per_question=records,
     )

@@ -3,10 +3,15 @@
 Which result belongs to which row is data, not code: ``eval/table_specs/table<N>.json`` lists the columns
 (benchmark, title, decimals), the token statistic printed in parentheses (or none), and the rows (label, how to
 match a result, the paper's values). A result is matched to a cell by its ``benchmark`` field and the row's
-``match``: ``ckpt`` (glob on the file name without .json; scorers write ``<bench>/results/<ckpt>.json``), ``path``
-(glob on the path below --results), ``label`` / ``model`` (globs on those result fields), ``config`` (a subset of
-the result's ``config`` mapping). A cell without a result prints "-", one with several prints "?" and a warning:
-nothing is invented and nothing is silently picked. Table 6 (compute cost) comes from ``python -m eval.roofline``.
+``match``: ``ckpt`` (glob on the run name: the path below the ``results/`` folder without .json, so
+``<bench>/results/exp1/demo.json`` is ``exp1/demo``; scorers write ``<bench>/results/<ckpt>.json``), ``path``
+(glob on the path below --results), ``label`` / ``model`` (globs on those result fields: the answers file's name
+and the model path, from the run record), ``config`` (a subset of the result's ``config`` mapping: the resolved
+pruning config of the run). A cell without a result prints "-", one with several prints "?" and a warning: nothing
+is invented and nothing is silently picked; rows that match nothing are listed on stderr with the runs that exist.
+Visual token statistics are means per image (``tokens.per_image``), the others per question. A caption may
+contain ``{model}``: the models of the matched results (the spec's ``model`` when none matched). Table 6 (compute
+cost) comes from ``python -m eval.roofline``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from eval.common import format_table
+from eval.common import format_table, token_stat
 
 SPEC_DIR = Path(__file__).resolve().parent / "table_specs"
 TABLES = ("1", "2", "3", "4", "5", "7", "8")
@@ -47,7 +52,18 @@ class Result:
 
     @property
     def ckpt(self) -> str:
-        return self.path.stem
+        """The run name: the path below the last ``results`` folder, without .json (``exp1/demo``)."""
+        parts = self.path.with_suffix("").parts
+        folders = parts[:-1]
+        if "results" not in folders:
+            return "/".join(parts)
+        last = len(folders) - 1 - folders[::-1].index("results")
+        return "/".join(parts[last + 1 :])
+
+    @property
+    def model_name(self) -> str | None:
+        model = self.data.get("model")
+        return Path(model.rstrip("/")).name if isinstance(model, str) and model else None
 
     def matches(self, match: dict[str, Any]) -> bool:
         for key, pattern in match.items():
@@ -134,6 +150,8 @@ def load_spec(path: Path) -> dict[str, Any]:
     benchmarks = [column["benchmark"] for column in spec["columns"]]
     need(len(set(benchmarks)) == len(benchmarks), "a benchmark appears in two columns")
     need(isinstance(spec["rows"], list), "rows must be a list")
+    need(isinstance(spec.get("model", ""), str), "model must be a string (the caption's {model} when nothing matched)")
+    need("{model}" not in spec["caption"] or "model" in spec, "a caption with {model} needs a 'model' default")
     for row in spec["rows"]:
         need(isinstance(row, dict), f"bad row {row!r}")
         if "section" in row:
@@ -163,7 +181,7 @@ class Cell:
     ours_tokens: float | None
     paper: float | None
     paper_tokens: float | None
-    sources: tuple[Path, ...]
+    sources: tuple[Result, ...]
 
     @property
     def ambiguous(self) -> bool:
@@ -180,6 +198,7 @@ def build_grid(spec: dict[str, Any], results: list[Result], warn: Any = print) -
     """One Cell per (row, column): our value and token mean (if exactly one result matches) and the paper's."""
     stat = spec.get("tokens")
     rows = []
+    unmatched = []
     for row in spec["rows"]:
         if "section" in row:
             rows.append(Row(row["section"], None))
@@ -195,18 +214,39 @@ def build_grid(spec: dict[str, Any], results: list[Result], warn: Any = print) -
                 warn(f"table {spec['table']}, row {row['label']!r}, {column['title']}: {len(found)} results match "
                      f"({names}); narrow the spec's match")  # fmt: skip
             ours = found[0] if len(found) == 1 else None
-            tokens = (ours.data.get("tokens") or {}).get(stat) if ours and stat else None
+            tokens = token_stat(ours.data.get("tokens"), stat) if ours and stat else None
             cells.append(
                 Cell(
                     ours=ours.data["headline"] if ours else None,
-                    ours_tokens=tokens if _is_number(tokens) else None,
+                    ours_tokens=tokens,
                     paper=(row.get("paper") or {}).get(bench),
                     paper_tokens=(row.get("paper_tokens") or {}).get(bench),
-                    sources=tuple(r.path for r in found),
+                    sources=tuple(found),
                 )
             )
+        if row.get("match") and not any(cell.sources for cell in cells):
+            unmatched.append(row)
         rows.append(Row(row["label"], tuple(cells)))
+    if unmatched:
+        warn(unmatched_message(spec, unmatched, results))
     return rows
+
+
+def unmatched_message(spec: dict[str, Any], rows: list[dict[str, Any]], results: list[Result]) -> str:
+    """Which rows found no result, and which runs exist for the table's benchmarks, so a typo or a run under
+    another name is seen at once."""
+    benchmarks = [column["benchmark"] for column in spec["columns"]]
+    runs: dict[str, list[str]] = {}
+    for result in results:
+        if result.data["benchmark"] in benchmarks:
+            runs.setdefault(result.data["benchmark"], []).append(result.ckpt)
+    shown = "; ".join(f"{bench}: {', '.join(sorted(runs[bench]))}" for bench in benchmarks if bench in runs)
+    labels = ", ".join(f"{row['label']!r} {json.dumps(row['match'])}" for row in rows)
+    found = f"runs found for its benchmarks: {shown}" if shown else "no result found for any of its benchmarks"
+    return (
+        f"table {spec['table']}: {len(rows)} row(s) matched no result: {labels}; {found}. Name your runs as the "
+        "spec's match expects (CKPT=...), or write a spec of your own (--spec; docs/reproducing.md)"
+    )
 
 
 def _fixed(value: float, decimals: int) -> Decimal:
@@ -244,6 +284,24 @@ def cell_texts(spec: dict[str, Any], cell: Cell, column: dict[str, Any], paper: 
 # ---- output -------------------------------------------------------------------------------------------------
 
 
+def caption(spec: dict[str, Any], grid: list[Row], paper: bool) -> str:
+    """The spec's caption with ``{model}`` filled in: the models behind our values (with the paper's model beside
+    them when the paper's values are printed too), or the spec's ``model`` when no result matched."""
+    if "{model}" not in spec["caption"]:
+        return spec["caption"]
+    default = spec["model"]
+    names = sorted(
+        {r.model_name for row in grid for cell in row.cells or () for r in cell.sources if r.model_name is not None}
+    )
+    if not names:
+        model = default
+    elif paper and names != [default]:
+        model = f"ours: {', '.join(names)}; paper: {default}"
+    else:
+        model = ", ".join(names)
+    return spec["caption"].replace("{model}", model)
+
+
 def _subtitles(paper: bool) -> list[str]:
     return ["ours", "paper", "Δ"] if paper else ["ours"]
 
@@ -261,7 +319,7 @@ def render_markdown(spec: dict[str, Any], grid: list[Row], paper: bool = True) -
         body.append(
             [row.label] + [t for c, col in zip(row.cells, spec["columns"]) for t in cell_texts(spec, c, col, paper)]
         )
-    return f"**Table {spec['table']}.** {spec['caption']}\n\n{format_table(header, body)}\n"
+    return f"**Table {spec['table']}.** {caption(spec, grid, paper)}\n\n{format_table(header, body)}\n"
 
 
 def render_csv(spec: dict[str, Any], grid: list[Row], paper: bool = True) -> str:
@@ -275,7 +333,7 @@ def render_csv(spec: dict[str, Any], grid: list[Row], paper: bool = True) -> str
             header += [f"{title} paper"] + ([f"{title} paper tokens"] if show_tokens else []) + [f"{title} diff"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([f"Table {spec['table']}. {spec['caption']}"])
+    writer.writerow([f"Table {spec['table']}. {caption(spec, grid, paper)}"])
     writer.writerow(header)
     for row in grid:
         if row.cells is None:
@@ -313,7 +371,7 @@ def render_latex(spec: dict[str, Any], grid: list[Row], paper: bool = True) -> s
     lines = [
         r"\begin{table}[t]",
         r"\centering",
-        rf"\caption{{{_tex(spec['caption'])}}}",
+        rf"\caption{{{_tex(caption(spec, grid, paper))}}}",
         rf"\label{{tab:paper-table-{spec['table']}}}",
         r"\begin{tabular}{l" + "r" * (n_cols - 1) + "}",
         r"\toprule",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
 
 import torch
 
@@ -22,19 +24,60 @@ def looks_like_hub_id(name: str) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
-def default_conv_mode(model_name: str, model_config) -> str:
-    """Upstream picked the template from the folder name; we look at the config first, then the name."""
+CONV_MODE_PURPOSES = ("chat", "eval")
+
+
+def default_conv_mode(model_name: str, model_config, purpose: str = "chat") -> str:
+    """The conversation template when --conv-mode is not given: one rule for every entry point.
+
+    Upstream chose it from the folder name; we look at the config first, then the name. Mistral, Yi-34B, Llama-2
+    and MPT checkpoints have their own templates. For the Vicuna-based LLaVA-1.5 / 1.6 upstream used two:
+    ``llava_v1`` in its interactive tools (run_llava, cli) and ``vicuna_v1`` in every evaluation script (the
+    published numbers), so ``purpose="eval"`` (the benchmark runners) gives ``vicuna_v1``.
+    """
+    if purpose not in CONV_MODE_PURPOSES:
+        raise ValueError(f"purpose must be one of {CONV_MODE_PURPOSES}, got {purpose!r}")
     model_type = getattr(model_config, "model_type", "")
     name = (model_name or "").lower()
     if model_type == "llava_mistral" or "mistral" in name:
         return "mistral_instruct"
-    if "v1.6-34b" in name or "yi-34b" in name:
+    if "34b" in name:
         return "chatml_direct"
     if "llama-2" in name or "llama2" in name:
         return "llava_llama_2"
     if "mpt" in name:
         return "mpt"
-    return "llava_v1"
+    return "vicuna_v1" if purpose == "eval" else "llava_v1"
+
+
+def checkpoint_config(model_path: str) -> dict:
+    """A checkpoint's config.json as a dict, without loading weights (a hub id fetches only that file)."""
+    from llava.model.builder import CheckpointError, read_config
+
+    folder = Path(os.path.expanduser(model_path))
+    if folder.is_dir():
+        return read_config(folder)
+    if not looks_like_hub_id(model_path):
+        raise CheckpointError(f"model folder not found: {model_path}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return read_config(Path(hf_hub_download(repo_id=model_path, filename="config.json")).parent)
+    except Exception as err:  # the hub client raises many types (offline, 404, auth)
+        raise CheckpointError(
+            f"{model_path!r} is not a local folder and its config.json could not be fetched ({err})"
+        ) from err
+
+
+def resolved_tower(config: dict, model_path: str) -> str | None:
+    """The vision tower the loader will use: ``mm_vision_tower``, a relative folder found next to the checkpoint."""
+    from llava.model.builder import locate_relative_tower
+
+    name = config.get("mm_vision_tower")
+    folder = Path(os.path.expanduser(model_path))
+    if name is None or not folder.is_dir():
+        return name
+    return locate_relative_tower(name, folder)
 
 
 def add_model_args(parser: argparse.ArgumentParser, require_model_path: bool = True) -> argparse.ArgumentParser:

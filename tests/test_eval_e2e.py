@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval import model_vqa, model_vqa_loader, model_vqa_mmbench, model_vqa_science
+from llava.eval import merge_chunks, model_vqa, model_vqa_loader, model_vqa_mmbench, model_vqa_science
 from tests.conftest import random_image
 from tests.test_judge import FakeOpenAIServer
 
@@ -69,6 +69,15 @@ def check_result(result_json: Path, answers: Path, benchmark: str, count: int) -
         assert result["tokens"][key] == pytest.approx(sum(values) / len(values))
     assert 0 < result["tokens"]["visual_after"] <= result["tokens"]["visual_before"] <= 64
     assert all(r["tokens"]["kv_final"] <= r["tokens"]["prompt"] + r["tokens"]["generated"] for r in rows)
+    with_image = [r for r in rows if r["tokens"]["visual_before"] > 0]
+    assert result["tokens"]["image_questions"] == len(with_image)
+    for key in ("visual_before", "visual_after", "inflection"):
+        values = [r["tokens"][key] for r in with_image]
+        assert result["tokens"]["per_image"][key] == pytest.approx(sum(values) / len(values))
+    # what produced the answers: the runner's record, copied into the result for eval.tables
+    record = json.loads(answers.with_name(answers.stem + ".run.json").read_text(encoding="utf-8"))
+    assert result["run"] == record and result["config"] == record["pruning"] and result["label"] == answers.stem
+    assert result["model"] == record["model_path"]
     return result
 
 
@@ -236,8 +245,9 @@ def test_vqav2_two_chunks_merged(tiny_ckpt: Path, tmp_path: Path) -> None:
         chunk = ["--num-chunks", "2", "--chunk-idx", str(idx)]
         model_vqa_loader.main(runner_args(tiny_ckpt, questions, chunk_dir / f"2_{idx}.jsonl", root / "val2014", *chunk))
     merge = chunk_dir / "merge.jsonl"
-    merge.write_text("".join((chunk_dir / f"2_{i}.jsonl").read_text() for i in range(2)), encoding="utf-8")
+    assert merge_chunks.main(["--out", str(merge), *(str(chunk_dir / f"2_{i}.jsonl") for i in range(2))]) == 0
     assert [r["question_id"] for r in read_lines(merge)] == [line["question_id"] for line in lines]
+    assert json.loads((chunk_dir / "merge.run.json").read_text())["chunks"] == 2
 
     result_json = root / "results" / "tiny.json"
     vqav2.main(
@@ -416,7 +426,7 @@ def test_pope_script_on_cpu(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mean F1" in done.stdout
 
-    assert sorted(p.name for p in (root / "answers" / "cpu").iterdir()) == ["1_0.jsonl"]
+    assert sorted(p.name for p in (root / "answers" / "cpu").iterdir()) == ["1_0.jsonl", "1_0.run.json"]
     merged = read_lines(root / "answers" / "cpu.jsonl")
     single = tmp_path / "single.jsonl"
     model_vqa_loader.main(
@@ -429,8 +439,10 @@ def test_pope_script_on_cpu(tiny_ckpt: Path, tmp_path: Path) -> None:
 
 
 STUB_PYTHON = """#!/usr/bin/env bash
-# Stands in for python: logs how it was called; as a runner, writes one answer line naming its chunk.
+# Stands in for python: logs how it was called; as a runner, writes one answer line naming its chunk (and a run
+# record); the chunk merge runs for real.
 echo "${CUDA_VISIBLE_DEVICES-unset}|$*" >> "$STUB_LOG"
+[ "$2" = llava.eval.merge_chunks ] && exec "$REAL_PYTHON" "$@"
 args=("$@"); answers=""; idx=""
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[$i]}" in
@@ -441,6 +453,7 @@ done
 if [ -n "$answers" ]; then
   [ "$idx" = "${STUB_FAIL_CHUNK:-none}" ] && exit 3
   echo "{\\"question_id\\": $idx}" >> "$answers"
+  echo "{\\"benchmark\\": \\"stub\\"}" > "${answers%.jsonl}.run.json"
 fi
 exit 0
 """
@@ -468,6 +481,7 @@ def test_scripts_chunk_per_gpu_merge_in_order_and_score(script: str, tmp_path: P
     log = tmp_path / "calls.log"
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "CKPT", "MODEL_BASE")}
     env.update(PYTHON=str(stub), STUB_LOG=str(log), EVAL_DIR=str(tmp_path / "eval"), JUDGE_MODEL="judge-x")
+    env.update(REAL_PYTHON=sys.executable)
     env.update(MODEL_PATH="/ckpts/llava-v1.5-7b-lora/", MODEL_BASE="lmsys/vicuna-7b-v1.5")
     env["PRUNING_ARGS"] = "--visual-pruning longtail --kv-pruning h2o"
 

@@ -88,7 +88,7 @@ def test_chunks_are_contiguous_ceil_slices_that_concatenate_to_the_whole() -> No
 def test_unfinished_last_line_is_cut_and_a_bad_middle_line_is_an_error(tmp_path: Path) -> None:
     answers = tmp_path / "a.jsonl"
     answers.write_text('{"question_id": 1, "text": "yes"}\n{"question_id": 2, "te', encoding="utf-8")
-    assert read_answered(answers) == Counter({("1", ""): 1})
+    assert read_answered(answers) == Counter({("1", "", ""): 1})
     assert answers.read_text() == '{"question_id": 1, "text": "yes"}\n'
 
     answers.write_text('{"question_id": 1}\nnot json\n{"question_id": 3}\n', encoding="utf-8")
@@ -104,10 +104,10 @@ def test_repeated_ids_resume_in_order_and_foreign_answers_are_refused(tmp_path: 
         Sample(7, "r0", "f", fields={"round_id": 0}),
         Sample(7, "r1", "f", fields={"round_id": 1}),
     ]
-    done = Counter({("count/1.png", ""): 1, ("7", "1"): 1})
+    done = Counter({("count/1.png", "", ""): 1, ("7", "1", ""): 1})
     assert [s.text for s in pending_samples(samples, done, tmp_path / "a")] == ["q2", "r0"]
     with pytest.raises(RunnerInputError, match=r"not in this chunk.*'8'"):
-        pending_samples(samples, Counter({("8", ""): 1}), tmp_path / "a")
+        pending_samples(samples, Counter({("8", "", ""): 1}), tmp_path / "a")
 
 
 def test_plain_checkpoints_switch_to_the_mmtag_template_in_loader_and_mmbench_only() -> None:
@@ -214,8 +214,11 @@ def test_missing_image_stops_naming_id_and_path_before_loading(tiny_ckpt, short_
     monkeypatch.setattr(runner, "model_generate_fn", lambda *a, **k: pytest.fail("must stop before generating"))
     with pytest.raises(SystemExit) as stop:
         model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, tmp_path / "a.jsonl"))
-    message = str(stop.value.code)
+    message = str(stop.value)
+    assert stop.value.code == runner.INPUT_ERROR_STATUS
     assert "question_id 102" in message and str(folder / "img_2.png") in message and "--skip-errors" in message
+    # one missing file asked about twice is listed once, and counted as one file
+    assert message.count("img_2.png") == 1 and "1 image file(s) not found, asked about by 2 question(s)" in message
 
 
 def test_skip_errors_records_the_failure_and_the_scorer_counts_it_wrong(tiny_ckpt, short_qa, tmp_path) -> None:
@@ -345,7 +348,7 @@ def test_mmbench_rounds_rotate_options_and_a_corrupt_row_names_id_and_file(tiny_
     argv += ["--conv-mode", "vicuna_v1", "--batch-size", "4", *BOTH_STAGES]
     with pytest.raises(SystemExit) as stop:
         model_vqa_mmbench.main(argv)
-    assert "question_id 7" in str(stop.value.code) and str(tsv) in str(stop.value.code)
+    assert "question_id 7" in str(stop.value) and str(tsv) in str(stop.value)
     assert len(read_lines(answers)) == 4  # the first batch was written before the bad row came up
 
     model_vqa_mmbench.main([*argv, "--skip-errors"])

@@ -6,7 +6,10 @@ image, the answer fields it adds) and its default generation settings. Everythin
 - chunking: ``--num-chunks N --chunk-idx i`` takes the i-th of N contiguous slices (upstream's split), so the chunk
   files concatenated in index order are exactly the answers of one run;
 - resuming: answers already in ``--answers-file`` are skipped; a last line cut short by a crash is removed first, so
-  a killed run restarted with the same command ends with every question answered exactly once;
+  a killed run restarted with the same command ends with every question answered exactly once. The settings that
+  produced the file are in its run record (``llava.eval.run_record``, written before the first answer); a rerun
+  with other settings (model, pruning, template, decoding) is refused, naming the differences. Failed answers
+  (``error`` lines, see below) are retried by the next run;
 - batching: ``--batch-size`` samples per ``generate`` call, left-padded (same greedy answers as batch size 1);
 - writing: one JSON line per answer, written and flushed as soon as its batch is done, with upstream's fields
   (``question_id``, ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``) plus ``tokens``, the
@@ -21,18 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import shortuuid
 from PIL import Image
 from tqdm import tqdm
 
+from llava.eval import run_record
 from llava.mm_utils import load_image
 
 ImageSource = Path | Callable[[], Image.Image] | None
@@ -60,9 +65,10 @@ class Sample:
         return self.fields.get("round_id")
 
     @property
-    def key(self) -> tuple[str, str]:
-        """What identifies an answer for resuming: the id (as text) and the MMBench round."""
-        return answer_key({"question_id": self.question_id, "round_id": self.round_id})
+    def key(self) -> AnswerKey:
+        """What identifies an answer for resuming: the id (as text), the MMBench round and the prompt (MME asks two
+        questions under one image id)."""
+        return answer_key({"question_id": self.question_id, **self.fields})
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,16 @@ class Benchmark:
     plain_mmtag: bool = False  # upstream's loader and MMBench runner switch 'plain' models to the _mmtag template
 
 
-def answer_key(row: dict[str, Any]) -> tuple[str, str]:
-    round_id = row.get("round_id")
-    return str(row.get("question_id")), "" if round_id is None else str(round_id)
+AnswerKey = tuple[str, str, str]
+
+
+def answer_key(row: dict[str, Any]) -> AnswerKey:
+    round_id, prompt = row.get("round_id"), row.get("prompt")
+    return (
+        str(row.get("question_id")),
+        "" if round_id is None else str(round_id),
+        prompt if isinstance(prompt, str) else "",
+    )
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
@@ -145,11 +158,12 @@ def get_chunk(items: Sequence[Any], num_chunks: int, chunk_idx: int) -> list[Any
     return list(items[chunk_idx * size : (chunk_idx + 1) * size])
 
 
-def read_answered(path: Path) -> Counter:
+def read_answered(path: Path, count_failed: bool = False) -> Counter:
     """How many answers the file already holds per key, after cutting off a last line left unfinished by a crash.
 
-    Lines are written whole and newline-terminated, so only the last line can be cut short; a bad line anywhere
-    else means the file is not ours (or was edited) and is an error, never silently skipped.
+    Failed answers (lines with ``error``, written under ``--skip-errors``) do not count unless ``count_failed``:
+    the next run retries them. Lines are written whole and newline-terminated, so only the last line can be cut
+    short; a bad line anywhere else means the file is not ours (or was edited) and is an error, never skipped.
     """
     done: Counter = Counter()
     if not path.exists():
@@ -176,8 +190,27 @@ def read_answered(path: Path) -> Counter:
             ) from None
         if not isinstance(row, dict) or "question_id" not in row:
             raise RunnerInputError(f"{path}:{number}: not an answer line (no question_id)")
-        done[answer_key(row)] += 1
+        if count_failed or row.get("error") is None:
+            done[answer_key(row)] += 1
     return done
+
+
+def drop_failed_answers(path: Path) -> int:
+    """Remove the failed answer lines (to be retried) from ``path``; the file is replaced whole, never truncated
+    in place, so an interruption leaves either the old or the new file. Returns how many lines were removed."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.strip() and json.loads(line).get("error") is not None:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 def pending_samples(samples: Sequence[Sample], done: Counter, answers_file: Path) -> list[Sample]:
@@ -192,7 +225,7 @@ def pending_samples(samples: Sequence[Sample], done: Counter, answers_file: Path
             pending.append(sample)
     extra = done - seen
     if extra:
-        example = ", ".join(f"{qid!r}" + (f" round {rnd}" if rnd else "") for qid, rnd in list(extra)[:5])
+        example = ", ".join(f"{qid!r}" + (f" round {rnd}" if rnd else "") for qid, rnd, _ in list(extra)[:5])
         raise RunnerInputError(
             f"{answers_file} holds {sum(extra.values())} answer(s) to questions that are not in this chunk of the "
             f"question file (e.g. question_id {example}): it belongs to another question file or chunking; "
@@ -203,13 +236,17 @@ def pending_samples(samples: Sequence[Sample], done: Counter, answers_file: Path
 
 def check_images_exist(samples: Sequence[Sample]) -> None:
     """Fail before the model loads, not hours into a run, when image files are missing."""
-    missing = [s for s in samples if isinstance(s.image, Path) and not s.image.is_file()]
-    if missing:
-        shown = "; ".join(f"question_id {s.question_id!r}: {s.image}" for s in missing[:5])
-        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+    questions: dict[Path, list[Any]] = {}
+    for sample in samples:
+        if isinstance(sample.image, Path) and not sample.image.is_file():
+            questions.setdefault(sample.image, []).append(sample.question_id)
+    if questions:
+        shown = "; ".join(f"{path} (question_id {ids[0]!r})" for path, ids in list(questions.items())[:5])
+        more = f" (+{len(questions) - 5} more)" if len(questions) > 5 else ""
+        asked = sum(len(ids) for ids in questions.values())
         raise RunnerInputError(
-            f"{len(missing)} image file(s) not found, e.g. {shown}{more}; check --image-folder, or pass "
-            "--skip-errors to record them as failed answers"
+            f"{len(questions)} image file(s) not found, asked about by {asked} question(s), e.g. {shown}{more}; "
+            "check --image-folder, or pass --skip-errors to record them as failed answers"
         )
 
 
@@ -246,12 +283,21 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     desc: str = "answering",
+    record: dict[str, Any] | None = None,
 ) -> int:
-    """Answer every sample not yet in ``answers_file``; returns how many lines were written."""
+    """Answer every sample not yet in ``answers_file`` (failed answers are retried); returns how many lines were
+    written. With ``record`` (``llava.eval.run_record.build_record``), an answers file written under other settings
+    is refused and the record is written next to the answers before the first one."""
     answers_file = Path(answers_file)
     answers_file.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite and answers_file.exists():
-        answers_file.unlink()
+    if overwrite:
+        answers_file.unlink(missing_ok=True)
+        run_record.record_path(answers_file).unlink(missing_ok=True)
+    if record is not None:
+        save_record(answers_file, record)
+    retried = drop_failed_answers(answers_file)
+    if retried:
+        print(f"{answers_file}: retrying {retried} failed answer(s)", file=sys.stderr)
     pending = pending_samples(samples, read_answered(answers_file), answers_file)
     written = 0
     bar = tqdm(
@@ -295,17 +341,86 @@ def run(
     return written
 
 
+def check_record(answers_file: Path, record: dict[str, Any]) -> None:
+    """Refuse (RunnerInputError) to resume an answers file written under other settings."""
+    if any(read_answered(answers_file, count_failed=True).values()):
+        try:
+            run_record.check_resume(answers_file, record)
+        except run_record.RunRecordError as err:
+            raise RunnerInputError(str(err)) from None
+
+
+def save_record(answers_file: Path, record: dict[str, Any]) -> None:
+    """Check the record against the file's, then write it; a resume under a new code version is noted in it."""
+    check_record(answers_file, record)
+    path = run_record.record_path(answers_file)
+    old = run_record.read_record(path) if any(read_answered(answers_file, count_failed=True).values()) else None
+    if old is not None:
+        versions = old.get("resumed_with", [old.get("code_version")])
+        if record["code_version"] not in versions:
+            print(
+                f"{answers_file}: resuming answers written by code version {versions[-1]} with "
+                f"{record['code_version']} (recorded in {path.name})",
+                file=sys.stderr,
+            )
+            versions = [*versions, record["code_version"]]
+        record = {**old, "resumed_with": versions} if len(versions) > 1 else old
+    run_record.write_record(path, record)
+
+
 # ---- model side -----------------------------------------------------------------------------------------------
 
 
 def resolve_conv_mode(args: argparse.Namespace, benchmark: Benchmark, model_name: str, model_config) -> str:
+    """--conv-mode, else the template upstream evaluated this family with (``llava.utils.default_conv_mode``)."""
     from llava.utils import default_conv_mode
 
-    conv_mode = args.conv_mode or default_conv_mode(model_name, model_config)
+    conv_mode = args.conv_mode or default_conv_mode(model_name, model_config, purpose="eval")
     if benchmark.plain_mmtag and "plain" in model_name and "finetune" not in model_name.lower():
         if "mmtag" not in conv_mode:
             conv_mode += "_mmtag"
     return conv_mode
+
+
+def benchmark_options(benchmark: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
+    """The values of the benchmark's own flags (e.g. ScienceQA's --single-pred-prompt), for the run record."""
+    if benchmark.add_args is None:
+        return {}
+    own = argparse.ArgumentParser(add_help=False)
+    benchmark.add_args(own)
+    return {action.dest: getattr(args, action.dest) for action in own._actions}
+
+
+def build_run_record(args: argparse.Namespace, benchmark: Benchmark) -> tuple[dict[str, Any], str]:
+    """(this run's record, conv mode), from the checkpoint's config.json alone: checked before the model loads."""
+    from types import SimpleNamespace
+
+    from llava.mm_utils import get_model_name_from_path
+    from llava.model.builder import CheckpointError
+    from llava.utils import checkpoint_config, resolved_tower
+    from pruning import PruningConfigError, pruning_overrides, resolve_pruning
+
+    try:
+        config = checkpoint_config(args.model_path)
+        pruning = resolve_pruning(config.get("pruning"), pruning_overrides(args)).to_dict()
+    except (CheckpointError, PruningConfigError) as err:
+        raise RunnerInputError(str(err)) from None
+    model_name = get_model_name_from_path(args.model_path)
+    conv_mode = resolve_conv_mode(args, benchmark, model_name, SimpleNamespace(**config))
+    tower = args.vision_tower or resolved_tower(config, args.model_path)
+    record = run_record.build_record(
+        benchmark=benchmark.name,
+        model_path=args.model_path,
+        model_base=args.model_base,
+        vision_tower=tower,
+        conv_mode=conv_mode,
+        generation=generation_settings(args),
+        pruning=pruning,
+        options=benchmark_options(benchmark, args),
+        question_file=args.question_file,
+        batch_size=args.batch_size,
+    )
+    return record, conv_mode
 
 
 def model_generate_fn(conv_mode: str, tokenizer, model, image_processor, **generation: Any) -> GenerateFn:
@@ -334,7 +449,8 @@ def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_benchmark(benchmark: Benchmark, argv: list[str] | None = None, description: str | None = None) -> int:
-    """Parse the flags, read and chunk the questions, load the model only if something is left to answer, run."""
+    """Parse the flags, read and chunk the questions, check the run record, load the model only if something is
+    left to answer, run. Bad input or settings that differ from the answers file's end with exit status 2."""
     from llava.mm_utils import get_model_name_from_path
     from llava.utils import load_from_args, quiet_transformers
     from pruning import pruning_overrides
@@ -343,22 +459,28 @@ def run_benchmark(benchmark: Benchmark, argv: list[str] | None = None, descripti
     try:
         check_args(args)
         samples = get_chunk(benchmark.read(args), args.num_chunks, args.chunk_idx)
+        if not samples:
+            raise RunnerInputError(f"--question-file {args.question_file} holds no questions")
         answers_file = Path(args.answers_file)
-        if args.overwrite and answers_file.exists():
-            answers_file.unlink()
+        if args.overwrite:
+            answers_file.unlink(missing_ok=True)
+            run_record.record_path(answers_file).unlink(missing_ok=True)
+        record, conv_mode = build_run_record(args, benchmark)
+        check_record(answers_file, record)
         pending = pending_samples(samples, read_answered(answers_file), answers_file)
         if not args.skip_errors:
             check_images_exist(pending)
     except RunnerInputError as err:
-        raise SystemExit(f"error: {err}") from None
+        exit_with(err)
     desc = f"{benchmark.name} chunk {args.chunk_idx + 1}/{args.num_chunks}"
     if not pending:
+        save_record(answers_file, record)
         print(f"{desc}: all {len(samples)} questions already answered in {answers_file}", file=sys.stderr)
         return 0
     quiet_transformers()
     tokenizer, model, image_processor, _ = load_from_args(args, pruning_overrides(args))
-    model_name = get_model_name_from_path(args.model_path)
-    conv_mode = resolve_conv_mode(args, benchmark, model_name, model.config)
+    if model.pruning_config.to_dict() != record["pruning"]:
+        raise RuntimeError(f"the loaded model's pruning config {model.pruning_config} differs from the run record's")
     print(
         f"{desc}: {len(pending)} of {len(samples)} questions to answer; conv mode {conv_mode}; "
         f"pruning: {model.pruning_config.describe()}",
@@ -370,11 +492,32 @@ def run_benchmark(benchmark: Benchmark, argv: list[str] | None = None, descripti
             samples,
             answers_file,
             generate,
-            model_name,
+            get_model_name_from_path(args.model_path),
             batch_size=args.batch_size,
             skip_errors=args.skip_errors,
             progress=not args.no_progress,
             desc=desc,
+            record=record,
         )
     except RunnerInputError as err:
-        raise SystemExit(f"error: {err}") from None
+        exit_with(err)
+
+
+INPUT_ERROR_STATUS = 2  # bad input or settings: a rerun of the same command cannot fix it (scripts tell them apart)
+
+
+class InputErrorExit(SystemExit):
+    """Exit status 2 (``INPUT_ERROR_STATUS``), the message printed to stderr once and kept as ``str(exit)``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(INPUT_ERROR_STATUS)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def exit_with(err: Exception) -> NoReturn:
+    message = f"error: {err}"
+    print(message, file=sys.stderr)
+    raise InputErrorExit(message) from None
