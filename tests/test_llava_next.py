@@ -15,7 +15,7 @@ from transformers.models.llava_next.modeling_llava_next import unpad_image as hf
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.inference import build_prompt, generate_answers
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
-from llava.model.anyres import AnyresInputError, crops_per_image, select_crop_tokens, unpad_window
+from llava.model.anyres import AnyresInputError, crop_candidates, crops_per_image, select_crop_tokens, unpad_window
 from llava.model.builder import load_pretrained_model
 from llava.model.tiny import write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError
@@ -380,3 +380,31 @@ def test_release_layout_loads_with_the_tuned_tower(next_models, llm):
     assert not torch.equal(loaded, folder.encoder.layers[0].self_attn.q_proj.weight)  # ... not the CLIP folder's
     with safe_open(str(ckpt / weight_map["model.image_newline"]), framework="pt") as handle:
         assert torch.equal(model.get_model().image_newline, handle.get_tensor("model.image_newline"))
+
+
+# ---- the random rule over crops -----------------------------------------------------------------------------------
+def random_crop_patterns(model, crops, candidates, pruning) -> list[list[int]]:
+    tower, projector = model.get_vision_tower(), model.get_model().mm_projector
+    with torch.no_grad():
+        (tokens,) = select_crop_tokens(tower, projector, crops, [crops.shape[0]], pruning, candidates)
+    return [idx.tolist() for idx in tokens.indices]
+
+
+@pytest.mark.parametrize("crop_budget", ["per_crop", "global"])
+@pytest.mark.parametrize("unpadded", [True, False])
+def test_random_rule_draws_a_pattern_per_crop_and_per_batch_reproducibly(
+    next_models, sized_images, crop_budget, unpadded
+):
+    _, _, processor, ckpt = next_models["vicuna"]
+    image = sized_images[4]  # 40x320 on a 1x3 grid: the three grid crops have the same 32 unpadded patches
+    fresh = [load_pretrained_model(str(ckpt), device="cpu")[1] for _ in range(2)]
+    crops = process_images([image], processor, fresh[0].config)[0]
+    side = fresh[0].get_vision_tower().num_patches_per_side
+    candidates = [None, *crop_candidates((1, 3), side, image.size)] if unpadded else None
+    if unpadded:
+        assert all(mask is not None and int(mask.sum()) == 32 for mask in candidates[1:])
+    pruning = PruningConfig(visual_pruning="random", visual_ratio=0.25, visual_layer=2, seed=7, crop_budget=crop_budget)
+    first, second = (random_crop_patterns(fresh[0], crops, candidates, pruning) for _ in range(2))
+    assert len({tuple(pattern) for pattern in first[1:]}) == 3  # each crop its own draw, not one pattern for all
+    assert first != second  # a new pattern for the next batch
+    assert random_crop_patterns(fresh[1], crops, candidates, pruning) == first  # the same sequence from the seed

@@ -156,6 +156,7 @@ def _select_by_scores(
             f"(got {pruning.visual_mode!r})"
         )
     full = tower.select(crops, pruning.merged(visual_pruning="none"))  # every patch, raster order, with scores
+    generator = tower.random_generator(pruning)  # 'random': one stream, a new draw for every crop and batch
     num_crops, n = full.scores.shape
     device = full.scores.device
     chosen = torch.zeros(num_crops * n, dtype=torch.bool, device=device)  # crop-major flat positions
@@ -169,7 +170,7 @@ def _select_by_scores(
             if where.numel() == 0:  # an image so thin that unpad leaves nothing of this crop
                 inflection.append(0)
                 continue
-            decision = apply_strategy(full.scores[crop, where][None], pruning)
+            decision = apply_strategy(full.scores[crop, where][None], pruning, generator)
             keep = int(decision.keep[0])
             inflection.append(int(decision.inflection[0]))
             if pooled:

@@ -101,7 +101,7 @@ class CLIPVisionTower(nn.Module):
                 pruning,
                 select_layer=self.select_layer,
                 select_feature=self.select_feature,
-                generator=self._random_generator(pruning),
+                generator=self.random_generator(pruning),
             )
         return TowerOutput(
             features=selection.features.to(images.dtype),
@@ -119,7 +119,7 @@ class CLIPVisionTower(nn.Module):
             return [self.select(image.unsqueeze(0)).features[0] for image in images]
         return self.select(images).features
 
-    def _random_generator(self, pruning: PruningConfig) -> torch.Generator | None:
+    def random_generator(self, pruning: PruningConfig) -> torch.Generator | None:
         """One generator per seed, so the 'random' rule draws new patches for each batch but is reproducible."""
         if pruning.visual_pruning != "random":
             return None
