@@ -76,6 +76,11 @@ class PruningConfig:
             raise PruningConfigError("heavy_budget and recent_budget must be given together (absolute budgets)")
         if self.kv_pruning == "h2o" and self.heavy_budget is None and self.heavy_ratio + self.recent_ratio <= 0:
             raise PruningConfigError("kv_pruning='h2o' needs heavy_ratio + recent_ratio > 0")
+        if self.kv_pruning == "h2o" and self.heavy_budget == 0 and self.recent_budget == 0:
+            raise PruningConfigError(
+                "kv_pruning='h2o' with heavy_budget 0 and recent_budget 0 would evict every key; "
+                "give heavy_budget + recent_budget >= 1"
+            )
 
     # ---- views ---------------------------------------------------------------------------------------------
     @property

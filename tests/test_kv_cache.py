@@ -12,7 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
-from pruning.config import PruningConfig
+from pruning.config import PruningConfig, PruningConfigError, resolve_pruning
 from pruning.h2o import decode_row_probs, enable_kv_eviction, prefill_column_scores
 from pruning.kv_cache import KVEvictionCache, kv_budget
 
@@ -84,6 +84,16 @@ def test_absolute_budgets_ignore_the_prompt_length():
     config = h2o(heavy_budget=3, recent_budget=2)
     assert kv_budget(config, 5) == (5, 2)
     assert kv_budget(config, 500) == (5, 2)
+
+
+def test_absolute_budgets_that_keep_nothing_are_refused():
+    with pytest.raises(PruningConfigError, match="heavy_budget 0 and recent_budget 0 would evict every key"):
+        h2o(heavy_budget=0, recent_budget=0)
+    # also when the checkpoint's budgets meet a command line that turns stage 2 on
+    with pytest.raises(PruningConfigError, match="evict every key"):
+        resolve_pruning({"heavy_budget": 0, "recent_budget": 0}, {"kv_pruning": "h2o"})
+    assert kv_budget(h2o(heavy_budget=0, recent_budget=1), 50) == (1, 1)  # the newest key alone is a budget
+    assert kv_budget(h2o(heavy_budget=1, recent_budget=0), 50) == (1, 0)
 
 
 # ---- score kernels ----------------------------------------------------------------------------------------

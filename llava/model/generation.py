@@ -3,12 +3,18 @@ per-sample token statistics the paper reports."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from llava.constants import IMAGE_TOKEN_INDEX
 from pruning import KVEvictionCache, PruningConfig, enable_kv_eviction
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt (text + visual tokens) longer than ``tokenizer_model_max_length`` lost its end before generation."""
 
 
 @dataclass
@@ -36,6 +42,35 @@ def final_kv_length(prompt: int, generated: int, budget: int | None) -> int:
     i.e. min(P + G, budget) (the plain cache physically holds one less: the last token is never fed back)."""
     total = prompt + generated
     return total if budget is None else min(total, budget)
+
+
+def generation_setting(kwargs: dict[str, Any], default_config, name: str, default: Any) -> Any:
+    """The value transformers' generate will use: the call's argument, else its generation_config's, else the
+    model's generation_config (e.g. num_beams from a checkpoint's generation_config.json)."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    value = getattr(kwargs.get("generation_config") or default_config, name, None)
+    return default if value is None else value
+
+
+def warn_truncated_prompts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_stats: list[dict[str, Any]], limit: int | None
+) -> None:
+    """merge_multimodal cuts every sequence to ``limit`` tokens, as upstream does for training; for generation that
+    drops the end of the prompt (the question, the answer cue), so say so with the counts."""
+    for sample, stats in enumerate(token_stats):
+        ids = input_ids[sample] if attention_mask is None else input_ids[sample][attention_mask[sample].bool()]
+        text = int((ids != IMAGE_TOKEN_INDEX).sum())
+        full = text + int(stats["visual_after"])
+        if full > stats["prompt"]:
+            warnings.warn(
+                f"sample {sample}: the prompt has {full} tokens ({text} text + {stats['visual_after']} visual) but "
+                f"the model's tokenizer_model_max_length is {limit}: its last {full - stats['prompt']} tokens (the "
+                "end of the question and the answer cue) are dropped before generating. Shorten the prompt, prune "
+                "more visual tokens, or raise tokenizer_model_max_length in the checkpoint's config.json.",
+                PromptTruncatedWarning,
+                stacklevel=2,
+            )
 
 
 class LlavaGenerationMixin:
@@ -68,14 +103,21 @@ class LlavaGenerationMixin:
             )
         )
         merged = self.merge_multimodal(inputs, attention_mask, None, images, image_sizes, "left", pruning)
+        limit = getattr(self.config, "tokenizer_model_max_length", None)
+        warn_truncated_prompts(inputs, attention_mask, merged.token_stats, limit)
         cache = None
         if pruning.kv_enabled:
-            if kwargs.get("num_beams", 1) > 1:
-                raise ValueError("beam search is not supported with KV eviction (--kv-pruning h2o); use num_beams=1")
+            num_beams = generation_setting(kwargs, self.generation_config, "num_beams", 1)
+            if num_beams > 1:
+                source = "num_beams" if kwargs.get("num_beams") is not None else "generation_config.num_beams"
+                raise ValueError(
+                    f"beam search is not supported with KV eviction (--kv-pruning h2o): {source} is {num_beams}; "
+                    "use num_beams=1"
+                )
             if "past_key_values" in kwargs:
                 raise ValueError("KV eviction builds its own cache; do not pass past_key_values with --kv-pruning h2o")
             enable_kv_eviction(self)
-            repeats = kwargs.get("num_return_sequences") or 1
+            repeats = generation_setting(kwargs, self.generation_config, "num_return_sequences", 1)
             cache = KVEvictionCache(pruning, merged.attention_mask.repeat_interleave(repeats, dim=0))
             kwargs["past_key_values"] = cache
         out = super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
