@@ -3,8 +3,11 @@
     python scripts/merge_lora_weights.py --model-path ./checkpoints/llava-v1.5-7b-lora-longtail \\
         --model-base lmsys/vicuna-7b-v1.5 --save-model-path ./checkpoints/llava-v1.5-7b-longtail-merged
 
-The merged folder loads without --model-base, keeps the pruning section it was trained with in config.json, and
-(like the released checkpoints) holds no vision-tower weights: the tower is loaded from mm_vision_tower.
+The merged folder loads without --model-base and keeps the pruning section it was trained with in config.json. Its
+vision tower: when the LoRA run trained it (--unfreeze_mm_vision_tower True) or the base had a tuned one (LLaVA-1.6,
+the demo checkpoint), the folder holds those weights under model.vision_tower.* and config.json says
+unfreeze_mm_vision_tower: true, so the loader uses them; otherwise (like LLaVA-1.5's releases) it holds none and the
+tower is loaded from mm_vision_tower.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def merge(model_path: str, model_base: str, save_path: str | Path, dtype: torch.
     out = Path(save_path)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--save-model-path {out} exists and is not empty")
-    state = {k: v for k, v in model.state_dict().items() if ".vision_tower." not in k}
+    tuned_tower = bool(getattr(model.config, "unfreeze_mm_vision_tower", False))  # set by the loader
+    state = {k: v for k, v in model.state_dict().items() if tuned_tower or ".vision_tower." not in k}
     model.config.use_cache = True
     model.save_pretrained(out, state_dict=state)
     tokenizer.save_pretrained(out)

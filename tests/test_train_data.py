@@ -383,3 +383,5 @@ def test_projector_gets_its_own_learning_rate_and_no_decay_on_biases():
     assert ({id(named[2][1])}, 0.0, 2e-5) in as_sets
     assert len(groups) == 3  # the frozen norm is in no group
     assert len(param_groups(named, decay, 0.1, projector_lr=None)) == 2
+    named_groups = {(g["name"], g["weight_decay"]) for g in groups}
+    assert named_groups == {("main", 0.1), ("projector", 0.1), ("projector", 0.0)}  # logged by these names

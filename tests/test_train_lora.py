@@ -334,3 +334,37 @@ def test_full_run_with_a_tuned_tower_continues_from_that_tower(workspace, tmp_pa
     assert changed, "phase 1 did not train the tower"
     assert all(torch.equal(tower[k], tuned[k]) for k in tuned)
     assert all(p.requires_grad for p in model.get_vision_tower().parameters())
+
+
+def test_the_logged_learning_rate_is_the_lora_groups_and_each_other_group_is_named(trained):
+    """With --mm_projector_lr the Trainer would log the first optimizer group's rate, the projector's (issue #26)."""
+    _, state, _ = trained
+    logged = [entry for entry in state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4, 5, 6]
+    for entry in logged:  # linear decay to 0 over 6 steps; each step logs the rate it trained at
+        remaining = (6 - entry["step"] + 1) / 6
+        assert entry["learning_rate"] == pytest.approx(1e-3 * remaining)  # --learning_rate: LoRA
+        assert entry["learning_rate_projector"] == pytest.approx(2e-3 * remaining)  # --mm_projector_lr
+        assert "learning_rate_tower" not in entry  # the tower is frozen
+
+
+def five_step_run(workspace: dict[str, Path], out: Path, seed: str) -> list[tuple[float, float]]:
+    trainer = train_module.train(
+        argv=train_args(
+            workspace, out, "--max_steps", "5", "--save_strategy", "no", "--per_device_train_batch_size", "2",
+            "--learning_rate", "2e-2", "--mm_projector_lr", "2e-2", "--seed", seed,
+        )
+    )  # fmt: skip
+    return [(entry["loss"], entry["grad_norm"]) for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_two_runs_with_the_same_seed_give_the_same_losses(workspace, tmp_path):
+    """LoRA's A matrices are drawn while the model is built, before the Trainer seeds: train.py seeds first."""
+    torch.manual_seed(1234)  # whatever the global RNG holds before the run must not matter
+    first = five_step_run(workspace, tmp_path / "a", "0")
+    torch.rand(1000)
+    second = five_step_run(workspace, tmp_path / "b", "0")
+    assert len(first) == 5
+    assert first == second
+    other_seed = five_step_run(workspace, tmp_path / "c", "1")
+    assert [norm for _, norm in other_seed] != [norm for _, norm in first]  # the seed does reach the initialisation

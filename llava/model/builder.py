@@ -233,6 +233,7 @@ def load_pretrained_model(
     tuned_tower = bool(getattr(config, "unfreeze_mm_vision_tower", False))
     config.unfreeze_mm_vision_tower = False
     tower_tensors = None  # a LoRA run's tuned tower, from non_lora_trainables.bin
+    tower_source = folder
     if route == "llava":
         model = model_class.from_pretrained(folder, config=config, **load_kwargs)
         tokenizer_dir = folder
@@ -245,6 +246,10 @@ def load_pretrained_model(
         else:
             adapted, tower_tensors = _load_lora(model, folder, dtype)
             model = adapted.merge_and_unload()
+        if not tower_tensors and read_config(base).get("unfreeze_mm_vision_tower"):
+            # the folder brings no tower but its base was tuned: that tower is the one training saw (LoRA folders
+            # written before non_lora_trainables.bin carried a base's tuned tower, issue #26, say false here)
+            tuned_tower, tower_source, tower_tensors = True, base, None
     tokenizer = load_tokenizer(tokenizer_dir)
     model.set_pruning(config.pruning)
 
@@ -252,7 +257,7 @@ def load_pretrained_model(
     tower.load_model(device_map=None, dtype=dtype)
     if tuned_tower:
         model.config.unfreeze_mm_vision_tower = True
-        load_tuned_tower(tower, folder, dtype, tensors=tower_tensors)
+        load_tuned_tower(tower, tower_source, dtype, tensors=tower_tensors)
     tower.to(device=model.device, dtype=dtype)
     image_processor = tower.image_processor
     context_len = getattr(model.config, "max_sequence_length", 2048)

@@ -3,7 +3,8 @@
 A LoRA folder that ``load_pretrained_model(path, base)`` reads has ``adapter_config.json`` + adapter weights (written
 by the Trainer through peft), ``config.json`` (the LLaVA config: tower, projector type, pruning section) and
 ``non_lora_trainables.bin`` (every trained parameter outside LoRA, in practice the projector, under peft's key names
-``base_model.model.model.mm_projector.*`` as upstream wrote them).
+``base_model.model.model.mm_projector.*`` as upstream wrote them; plus the vision tower,
+``base_model.model.model.vision_tower.vision_tower.*``, whenever it is tuned, even if frozen in this run).
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ def gathered(params: list[nn.Parameter]):
 
 
 def non_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters outside LoRA, and the projector even when frozen (the base LLM has none), on the CPU.
-    Collective under ZeRO-3: call it on every rank."""
+    """Trainable parameters outside LoRA, and, even when frozen, the projector (the base LLM has none) and a tuned
+    vision tower (config ``unfreeze_mm_vision_tower``: trained in this run or taken from a base that was tuned; the
+    CLIP folder does not have it), on the CPU. Collective under ZeRO-3: call it on every rank."""
+    tuned_tower = bool(getattr(unwrap_llava(model).config, "unfreeze_mm_vision_tower", False))
     named = [
         (name, p)
         for name, p in model.named_parameters()
-        if not is_lora_name(name) and (p.requires_grad or "mm_projector" in name)
+        if not is_lora_name(name)
+        and (p.requires_grad or "mm_projector" in name or (tuned_tower and ".vision_tower." in name))
     ]
     with gathered([p for _, p in named]):
         return {name: p.detach().cpu().clone() for name, p in named}

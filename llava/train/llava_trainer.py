@@ -1,5 +1,5 @@
 """The transformers Trainer with LLaVA's changes: modality-grouped batches, a projector learning rate, LLaVA files
-in every checkpoint, and the stage-1 token counts in the logs.
+in every checkpoint, and the stage-1 token counts and each parameter group's learning rate in the logs.
 
 Upstream wrote ``non_lora_trainables.bin`` and ``config.json`` only at the end of training, so no intermediate
 ``checkpoint-N`` could be loaded or fully resumed (its projector came back untrained). Here ``save_model`` writes
@@ -107,13 +107,14 @@ def param_groups(
     projector_lr: float | None,
     tower_lr: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Trainable parameters in (decay, no decay) x (projector, tower, rest) groups; projector groups get
-    ``projector_lr`` and tower groups ``tower_lr`` (None: the main learning rate, no separate group)."""
+    """Trainable parameters in (decay, no decay) x (projector, tower, main) groups; projector groups get
+    ``projector_lr`` and tower groups ``tower_lr`` (None: the main learning rate, no separate group). Each group
+    carries its part under ``name`` ("main": LoRA / the LLM at --learning_rate), for the training log."""
     buckets: dict[tuple[bool, str], list[torch.nn.Parameter]] = {}
     for name, param in named_parameters:
         if not param.requires_grad:
             continue
-        part = "rest"
+        part = "main"
         if projector_lr is not None and is_projector_parameter(name):
             part = "projector"
         elif tower_lr is not None and is_tower_parameter(name):
@@ -122,7 +123,7 @@ def param_groups(
     rates = {"projector": projector_lr, "tower": tower_lr}
     groups = []
     for (decay, part), params in sorted(buckets.items()):
-        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0, "name": part}
         if part in rates:
             group["lr"] = rates[part]
         groups.append(group)
@@ -137,6 +138,7 @@ class LLaVATrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._visual_kept = torch.zeros(3, dtype=torch.float64)  # [sum kept, sum before, images] since the last log
+        self._step_group_rates: dict[str, float] = {}  # name -> rate, read with the logged learning_rate
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -179,7 +181,29 @@ class LLaVATrainer(Trainer):
                 self._visual_kept += torch.tensor([sample["visual_after"], sample["visual_before"], 1.0])
         return result
 
+    # ---- learning rates --------------------------------------------------------------------------------------
+    def group_learning_rates(self) -> dict[str, float]:
+        """The current rate of each named parameter group (see param_groups); empty when the optimizer's groups
+        are unnamed (one learning rate for all, or state restored from a checkpoint written without names)."""
+        rates: dict[str, float] = {}
+        for group in self.optimizer.param_groups if self.optimizer is not None else []:
+            if "name" in group:
+                rates.setdefault(group["name"], float(group["lr"]))
+        return rates
+
+    def _get_learning_rate(self) -> float:
+        """The Trainer logs the first group's rate, which with --mm_projector_lr is the projector's: log the main
+        group's (LoRA) instead. It reads the rate before the scheduler steps; the other groups' rates are kept from
+        that same moment for log() to add by name."""
+        self._step_group_rates = self.group_learning_rates()
+        main = self._step_group_rates.get("main")
+        return super()._get_learning_rate() if main is None else main
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "learning_rate" in logs:
+            for name, rate in self._step_group_rates.items():
+                if name != "main":
+                    logs[f"learning_rate_{name}"] = rate
         if "loss" in logs:  # training-step logs happen on every rank at the same step
             totals = self._visual_kept.to(self.args.device)
             if self.args.world_size > 1 and torch.distributed.is_initialized():

@@ -24,7 +24,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import HfArgumentParser, PreTrainedTokenizerBase
+from transformers import HfArgumentParser, PreTrainedTokenizerBase, enable_full_determinism, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -184,6 +184,14 @@ def tuned_tower_checkpoint(model_name_or_path: str) -> Path | None:
     return Path(model_name_or_path) if config.get("unfreeze_mm_vision_tower") else None
 
 
+def seed_everything(training_args: TrainingArguments) -> None:
+    """The Trainer's own seeding (--seed, --full_determinism), done before the model is built."""
+    if training_args.full_determinism:
+        enable_full_determinism(training_args.seed)
+    else:
+        set_seed(training_args.seed)
+
+
 def build_model(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -192,6 +200,9 @@ def build_model(
     attn_implementation: str | None = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, PruningConfig]:
     """(model, tokenizer, pruning config): the LLM, tower + projector, LoRA; tower frozen, projector trainable."""
+    # LoRA's A matrices (and a projector built without --pretrain_mm_mlp_adapter) are drawn here, before the Trainer
+    # seeds in its __init__: seed first, or two runs with the same --seed start from different weights.
+    seed_everything(training_args)
     dtype = compute_dtype(training_args)
     tuned_tower_in = tuned_tower_checkpoint(model_args.model_name_or_path)
     # a tuned tower is built below, not inside from_pretrained (the meta device cannot load the CLIP folder)
@@ -246,7 +257,8 @@ def build_model(
     if model_args.vision_tower:
         llava.get_model().mm_projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
         llava.get_vision_tower().requires_grad_(model_args.unfreeze_mm_vision_tower)
-        llava.config.unfreeze_mm_vision_tower = model_args.unfreeze_mm_vision_tower
+        # a tower tuned now or before (the base's) is not the CLIP folder's: the checkpoints must carry it
+        llava.config.unfreeze_mm_vision_tower = model_args.unfreeze_mm_vision_tower or tuned_tower_in is not None
         layer = scoring_layer(llava, config_pruning)
         if is_deepspeed_zero3_enabled():
             register_with_zero3(model, layer)
