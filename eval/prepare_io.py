@@ -11,11 +11,14 @@ import base64
 import io
 import json
 import os
+import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from eval.common import EvalInputError
 
@@ -68,7 +71,7 @@ def load_part(
     import datasets
 
     if from_disk is not None:
-        saved = datasets.load_from_disk(from_disk)
+        saved = load_local(Path(from_disk))
         if isinstance(saved, datasets.DatasetDict):
             if part.split not in saved:
                 raise EvalInputError(f"{from_disk}: no split {part.split!r} (has {sorted(saved)})")
@@ -80,6 +83,7 @@ def load_part(
                 f"{from_disk}: holds one Dataset, but several splits are needed; save a DatasetDict or pass --parts"
             )
     else:
+        offline = go_offline_if_unreachable()
         ds = None
         failures = []
         for org in orgs:
@@ -91,15 +95,69 @@ def load_part(
             except (OSError, ValueError) as err:  # not found / no access / offline: try the next org
                 failures.append(f"{repo}: {type(err).__name__}: {err}")
         if ds is None:
+            where = "the hub is not reachable and the local cache does not hold it" if offline else "offline?"
             raise EvalInputError(
-                "could not load the dataset (offline? save it elsewhere and pass --from-disk PATH):\n  "
-                + "\n  ".join(failures)
+                f"could not load the dataset ({where}). On a machine with network: "
+                f"datasets.load_dataset('{orgs[-1]}/{part.dataset}').save_to_disk('DIR') (or huggingface-cli download "
+                f"{orgs[-1]}/{part.dataset} --repo-type dataset --local-dir DIR, parquet files), copy DIR here and "
+                "pass --from-disk DIR:\n  " + "\n  ".join(failures)
             )
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     if "image" in ds.features and isinstance(ds.features["image"], datasets.Image):
         ds = ds.cast_column("image", datasets.Image(decode=False))
     return ds
+
+
+SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
+
+
+def load_local(path: Path) -> Any:
+    """A dataset on disk: a folder written by ``save_to_disk``, one ``.parquet`` file (one split), or a folder of
+    parquet files as the hub stores them (``data/<split>-00000-of-00001.parquet``, one split per name prefix)."""
+    import datasets
+
+    if path.is_file() and path.suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path))
+    if not path.is_dir():
+        raise EvalInputError(f"--from-disk {path}: not found (expected a save_to_disk folder or parquet files)")
+    if any((path / marker).is_file() for marker in SAVED_MARKERS):
+        try:
+            return datasets.load_from_disk(str(path))
+        except (OSError, ValueError) as err:
+            raise EvalInputError(f"--from-disk {path}: cannot load the saved dataset ({err})") from None
+    files: dict[str, list[str]] = {}
+    for file in sorted(path.rglob("*.parquet")):
+        files.setdefault(file.name.split("-")[0].split(".")[0], []).append(str(file))
+    if not files:
+        raise EvalInputError(
+            f"--from-disk {path}: neither a folder written by save_to_disk ({', '.join(SAVED_MARKERS)}) nor a "
+            "folder of .parquet files"
+        )
+    return datasets.DatasetDict({split: datasets.Dataset.from_parquet(names) for split, names in files.items()})
+
+
+def go_offline_if_unreachable(timeout: float = 3.0) -> bool:
+    """Without network, ``datasets`` retries the hub for about 47 s per repository before it fails. Probe the hub
+    once; when it cannot be reached (and no proxy is configured), let ``datasets`` read only its local cache.
+    Returns whether the hub is treated as offline."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    if datasets.config.HF_HUB_OFFLINE:
+        return True
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as err:
+        print(
+            f"the Hugging Face hub ({constants.ENDPOINT}) is not reachable ({err}): local cache only", file=sys.stderr
+        )
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+        return True
+    return False
 
 
 def rows(ds: Any, drop_images: bool = False) -> Iterator[dict[str, Any]]:

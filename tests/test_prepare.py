@@ -398,3 +398,42 @@ def test_input_errors_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -
     bad.mkdir()
     assert run("pope", "--out", str(tmp_path / "p"), "--from-disk", save(bad, {"test": columns})) == 2
     assert "POPE row 0 (question_id 1): unknown category 'weird'" in capsys.readouterr().err
+
+
+def test_parquet_files_as_the_hub_stores_them_load_with_from_disk(tmp_path: Path) -> None:
+    ds = datasets.Dataset.from_dict(pope_columns()).cast_column("image", datasets.Image())
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    ds.to_parquet(str(hub / "test-00000-of-00001.parquet"))
+    out = tmp_path / "pope"
+    assert run("pope", "--out", str(out), "--from-disk", str(tmp_path / "hub")) == 0
+    assert len(jsonl(out / "llava_pope_test.jsonl")) == 4
+    assert (out / "val2014" / "COCO_val2014_1.jpg").read_bytes() == BLUE
+    # one parquet file is one split
+    assert run("pope", "--out", str(tmp_path / "p2"), "--from-disk", str(hub / "test-00000-of-00001.parquet")) == 0
+
+
+def test_from_disk_that_is_no_dataset_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("x")
+    assert run("pope", "--out", str(tmp_path / "p"), "--from-disk", str(tmp_path / "notes")) == 2
+    assert "neither a folder written by save_to_disk" in capsys.readouterr().err
+    assert run("pope", "--out", str(tmp_path / "p"), "--from-disk", str(tmp_path / "nowhere")) == 2
+    assert "nowhere: not found" in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_fails_fast_with_the_from_disk_recipe(tmp_path: Path, monkeypatch, capsys) -> None:
+    import datasets.config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    assert run("pope", "--out", str(tmp_path / "p"), "--hf-org", "nobody-here") == 2
+    err = capsys.readouterr().err
+    assert "is not reachable" in err and "--from-disk DIR" in err and "save_to_disk" in err
+    # datasets reads only its cache instead of retrying the hub (~47 s per repository before)
+    assert datasets.config.HF_HUB_OFFLINE is True and "OfflineModeIsEnabled" in err
