@@ -214,3 +214,29 @@ def test_merged_folder_holds_the_tuned_tower_and_reproduces_the_trained_model(tr
     assert tower and all(torch.equal(tower[k], trained["tower"][k]) for k in tower)
     logits, kept, _ = loaded(merged, None, tuned_base)
     assert_same_model(logits, kept, trained)
+
+
+@pytest.mark.parametrize("trained", [False], indirect=True, ids=["frozen-tower"])
+def test_a_lora_folder_written_before_the_fix_takes_the_tower_from_its_tuned_base(trained, tuned_base, tmp_path):
+    """Older LoRA folders trained on a tuned base with the tower frozen say unfreeze_mm_vision_tower: false and carry
+    only the projector; training used the base's tuned tower, so the loader takes it from the base."""
+    old = tmp_path / "llava-v1.5-tiny-tuned-lora-old"
+    shutil.copytree(trained["out"], old, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "unfreeze_mm_vision_tower": False}))
+    state = torch.load(old / NON_LORA_FILE, weights_only=True)
+    torch.save({k: v for k, v in state.items() if TOWER_KEY not in k}, old / NON_LORA_FILE)
+    logits, kept, model = loaded(old, tuned_base["base"], tuned_base)
+    assert model.config.unfreeze_mm_vision_tower is True
+    assert_same_model(logits, kept, trained)
+
+
+def test_full_fine_tuning_of_a_tuned_base_with_the_tower_frozen_keeps_the_tower(tuned_base, tmp_path):
+    out = tmp_path / "llava-v1.5-tiny-tuned-full"
+    trainer = train_module.train(argv=[*lora_args(tuned_base, out), "--lora_enable", "False", "--max_steps", "1"])
+    llava = trainer.model.eval()
+    assert json.loads((out / "config.json").read_text())["unfreeze_mm_vision_tower"] is True
+    _, _, model = loaded(out, None, tuned_base)
+    _, _, base = loaded(tuned_base["base"], None, tuned_base)
+    for key, value in tower_state(model).items():
+        assert torch.equal(value, tower_state(llava)[key]) and torch.equal(value, tower_state(base)[key]), key
