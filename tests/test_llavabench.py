@@ -123,7 +123,7 @@ def test_review_content_matching_and_summary(files: dict[str, Path]) -> None:
     assert metrics["detail"]["relative"] == pytest.approx(100.0)
     assert metrics["complex"]["relative"] == pytest.approx(100.0)
     assert result["headline"] == pytest.approx(68.75) and result["benchmark"] == "llavabench"
-    assert result["tokens"] == {"visual_after": 55.0}
+    assert result["tokens"] == {"visual_after": 55.0, "image_questions": 0, "per_image": {}}  # no visual_before
     assert result["judge"]["model"] == "judge-test"
 
 
@@ -156,6 +156,28 @@ def test_resume_after_judge_failure_and_late_answer(files: dict[str, Path]) -> N
     summary = files["result"].with_name("summary.json")
     assert main(["-f", str(files["out"]), "--question", str(files["q"]), "--result-json", str(summary)]) == 0
     assert json.loads(summary.read_text())["metrics"] == json.loads(files["result"].read_text())["metrics"]
+
+
+def test_reviews_of_regenerated_answers_are_done_again(files: dict[str, Path]) -> None:
+    with FakeOpenAIServer(judge_replies) as server:
+        assert main(review_args(files, server)) == 0
+    # the answers are regenerated (new answer ids; one new text): those reviews are stale, not resumed
+    regenerated = [{**a, "answer_id": a["answer_id"] + "-new"} for a in ANSWERS if a["question_id"] != 3]
+    regenerated[0]["text"] = "model 3 again"  # question 4 now answers differently
+    write_jsonl(files["ans"], regenerated)
+    with FakeOpenAIServer(judge_replies) as server:
+        assert main(review_args(files, server)) == 0
+        # unchanged texts come from the judge cache; only the new text reaches the server
+        assert [model_answer_of(r) for r in server.requests] == ["model 3 again"]
+    lines = reviews(files)
+    assert sorted(r["question_id"] for r in lines) == [0, 1, 2, 3, 4]  # each question reviewed once
+    assert {r["question_id"]: r["answer2_id"] for r in lines if r["question_id"] != 3} == {
+        4: "m4-new",
+        2: "m2-new",
+        1: "m1-new",
+        0: "m0-new",
+    }
+    assert next(r for r in lines if r["question_id"] == 4)["tuple"] == [6.0, 3.0]
 
 
 @pytest.mark.parametrize(
