@@ -31,6 +31,8 @@ from typing import Any
 
 from eval.common import EvalInputError, format_table, read_json
 from eval.hardware import HARDWARE, Hardware, get_hardware
+from pruning.config import PruningConfig
+from pruning.kv_cache import kv_budget
 
 # ---- bit widths ---------------------------------------------------------------------------------------------
 
@@ -389,6 +391,13 @@ def _number(value: Any) -> float | None:
     return value if finite else None
 
 
+def ratio_kv_budget(kv_ratio: float, prompt: int) -> int:
+    """Stage 2's cap for a heavy + recent ratio, by the cache's own rule (ratios read as the decimals written, so
+    0.29 x 100 gives 29 as in the cache, where floating point gives 28)."""
+    budget, _ = kv_budget(PruningConfig(kv_pruning="h2o", heavy_ratio=kv_ratio, recent_ratio=0.0), prompt)
+    return budget
+
+
 def workloads(args: argparse.Namespace) -> list[Workload]:
     """Rows from --tokens, --text-tokens/--visual-tokens or --from-result, with the decode context of each."""
 
@@ -402,7 +411,7 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
         if args.kv_budget is not None:
             length = min(length, args.kv_budget)
         if args.kv_ratio is not None:
-            length = min(length, math.floor(args.kv_ratio * prompt))
+            length = min(length, ratio_kv_budget(args.kv_ratio, prompt))
         return _round_count(length)
 
     sources = [bool(args.from_result), bool(args.tokens), bool(args.visual_tokens)]

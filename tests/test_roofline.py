@@ -17,6 +17,8 @@ from eval.roofline import (
     paper_flops_t,
     prefill_cost,
 )
+from pruning.config import PruningConfig
+from pruning.kv_cache import kv_budget
 
 # Paper Table 6, Vicuna-7B on A100: FLOPs (T), prefill (ms), total memory (G), storing activation (G)
 LLAVA_ROWS = {16: ("8.5", "30.3", "22.2", "4.1"), 8: ("4.3", "15.2", "11.1", "2.0"), 4: ("2.1", "14.2", "5.6", "1.0")}
@@ -243,6 +245,15 @@ def test_cli_explicit_bits_and_decode_cap(capsys):
     (uncapped,) = cli_rows(capsys, "--tokens", "600", "--w-bits", "4", "--generated", "100")
     assert uncapped["decode_context"] == 700
     assert uncapped["kv_cache_bytes"] > row["kv_cache_bytes"]
+
+
+def test_kv_ratio_cap_is_the_caches_own_budget(capsys):
+    # floor(0.29 * 100) is 28 in floating point; the cache reads 0.29 as written and keeps 29 keys
+    (row,) = cli_rows(capsys, "--tokens", "100", "--bits", "16", "--generated", "50", "--kv-ratio", "0.29")
+    assert (
+        row["decode_context"] == kv_budget(PruningConfig(kv_pruning="h2o", heavy_ratio=0.0, recent_ratio=0.29), 100)[0]
+    )
+    assert row["decode_context"] == 29
 
 
 def test_cli_from_result(tmp_path, capsys):
