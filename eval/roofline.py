@@ -31,8 +31,6 @@ from typing import Any
 
 from eval.common import EvalInputError, format_table, read_json
 from eval.hardware import HARDWARE, Hardware, get_hardware
-from pruning.config import PruningConfig
-from pruning.kv_cache import kv_budget
 
 # ---- bit widths ---------------------------------------------------------------------------------------------
 
@@ -394,6 +392,10 @@ def _number(value: Any) -> float | None:
 def ratio_kv_budget(kv_ratio: float, prompt: int) -> int:
     """Stage 2's cap for a heavy + recent ratio, by the cache's own rule (ratios read as the decimals written, so
     0.29 x 100 gives 29 as in the cache, where floating point gives 28)."""
+    # imported here: the pruning package loads torch and transformers (seconds), which nothing else here needs
+    from pruning.config import PruningConfig
+    from pruning.kv_cache import kv_budget
+
     budget, _ = kv_budget(PruningConfig(kv_pruning="h2o", heavy_ratio=kv_ratio, recent_ratio=0.0), prompt)
     return budget
 
