@@ -93,10 +93,13 @@ def has_image(row: dict[str, Any]) -> bool:
 def token_means(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Means of the token statistics: per question (every answer that carries the statistic; lists are summed per
     answer) at the top level, as before, and ``per_image``: the visual statistics over the questions with an
-    image only, with ``image_questions`` counting those. A benchmark with text-only questions (ScienceQA) has a
+    image only, with ``image_questions`` counting those (when the answers record ``visual_before``, which tells
+    them apart). A benchmark with text-only questions (ScienceQA) has a
     lower per-question visual mean than per-image; the paper's tables mean tokens per image."""
     rows = list(rows)
     means: dict[str, Any] = _stat_means(rows)
+    if "visual_before" not in means:  # answers without visual counts cannot tell image questions apart
+        return means
     with_image = [row for row in rows if has_image(row)]
     per_image = _stat_means(with_image)
     means["image_questions"] = len(with_image)
