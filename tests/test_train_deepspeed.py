@@ -94,6 +94,52 @@ def test_task_lora_starts_from_llava_without_a_pretrained_adapter():
     assert flag(command, "--num_train_epochs") == "3"  # extra arguments come last and win
 
 
+@pytest.mark.parametrize("value", ["", "none"])
+def test_an_empty_or_none_deepspeed_config_means_no_deepspeed(value):
+    _, command = dry_run_command(
+        SCRIPT, {"DEEPSPEED_CONFIG": value, "NUM_GPUS": "1", "LAUNCHER": "python"}, "--dry-run"
+    )
+    assert command[:2] == ["python", "llava/train/train_mem.py"]
+    assert "--deepspeed" not in command
+    _, unset = dry_run_command(SCRIPT, {}, "--dry-run")  # the variable unset: the recipe's ZeRO-3
+    assert flag(unset, "--deepspeed") == "./scripts/zero3.json"
+
+
+def test_a_python_launcher_with_several_gpus_is_refused():
+    result = run_script(SCRIPT, {"LAUNCHER": "python", "NUM_GPUS": "4"}, "--dry-run")
+    assert result.returncode == 2
+    assert "starts one process; set NUM_GPUS=1" in result.stderr
+
+
+def test_the_documented_single_process_cpu_command_trains_without_deepspeed(tiny_ckpt, tmp_path):
+    """docs/training.md's one-process command (no DeepSpeed, no launcher), on CPU as documented there."""
+    ws = make_workspace(tiny_ckpt, tmp_path)
+    out = tmp_path / "llava-v1.5-tiny-lora-single"
+    env = {
+        "NUM_GPUS": "1", "LAUNCHER": sys.executable, "DEEPSPEED_CONFIG": "none",
+        "TRAIN_SCRIPT": "llava/train/train.py", "PER_DEVICE_BATCH": "2", "GLOBAL_BATCH": "4",
+        "MODEL_NAME_OR_PATH": str(ws["base"]), "PRETRAIN_MM_MLP_ADAPTER": str(ws["adapter"]),
+        "DATA_PATH": str(ws["data"]), "IMAGE_FOLDER": str(ws["images"]), "VISION_TOWER": str(ws["tower"]),
+        "OUTPUT_DIR": str(out), "REPORT_TO": "none", "OMP_NUM_THREADS": "2",
+        "PRUNING_ARGS": "--visual-pruning longtail --alpha 0.24 --visual-layer 2",
+    }  # fmt: skip
+    extra = ["--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--lora_r", "8", "--lora_alpha", "16",
+             "--max_steps", "2", "--save_steps", "1", "--model_max_length", "512", "--dataloader_num_workers", "0",
+             "--disable_tqdm", "True"]  # fmt: skip
+    result = run_script(SCRIPT, env, *extra, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "2 per device x 2 accumulation x 1 GPUs = 4" in result.stdout
+    assert result.stdout.count("{'loss'") == 2
+    assert "process 0 of 1 on cpu" in result.stderr
+    assert not list(out.glob("checkpoint-*/global_step*"))  # no DeepSpeed state
+    for folder in (out / "checkpoint-1", out):
+        assert all((folder / name).is_file() for name in LORA_FILES), sorted(p.name for p in folder.iterdir())
+    tokenizer, model, processor, _ = load_pretrained_model(str(out), str(ws["base"]), None, device="cpu")
+    ids, pixels = image_inputs(tokenizer, model, processor)
+    generated = model.generate(ids, images=pixels, max_new_tokens=3, do_sample=False, return_stats=True)
+    assert generated.sequences.shape == (1, 3) and generated.token_stats[0]["visual_after"] < 64
+
+
 # ---- DeepSpeed on CPU ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workspace(tiny_ckpt, tmp_path_factory):

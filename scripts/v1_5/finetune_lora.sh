@@ -21,6 +21,9 @@
 #   NUM_GPUS [4]  PER_DEVICE_BATCH [4]  GLOBAL_BATCH [128]  DEEPSPEED_CONFIG [./scripts/zero3.json]
 #   PRUNING_ARGS ["--visual-pruning longtail --alpha 0.24 --visual-layer 16"]   REPORT_TO [wandb]  MASTER_PORT [29500]
 #   LAUNCHER [deepspeed --num_gpus $NUM_GPUS --master_port $MASTER_PORT]   TRAIN_SCRIPT [llava/train/train_mem.py]
+# DEEPSPEED_CONFIG empty or "none": no --deepspeed (plain PyTorch; unset keeps ZeRO-3). One process, no DeepSpeed,
+# on one GPU (see docs/training.md for memory) or, with train.py and --use_cpu True --bf16 False --tf32 False, on CPU:
+#   NUM_GPUS=1 LAUNCHER=python DEEPSPEED_CONFIG=none bash scripts/v1_5/finetune_lora.sh
 # DRY_RUN=1 (or --dry-run as the first argument) prints the batch arithmetic and the command without launching.
 # Other arguments are appended to the training flags (a repeated flag takes the last value), e.g. --save_steps 500.
 # Rerunning with the same OUTPUT_DIR resumes from its last checkpoint-N.
@@ -41,7 +44,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-lora-longtail}
 NUM_GPUS=${NUM_GPUS:-4}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-4}
 GLOBAL_BATCH=${GLOBAL_BATCH:-128}
-DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-./scripts/zero3.json}
+DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG-./scripts/zero3.json}
 PRUNING_ARGS=${PRUNING_ARGS-"--visual-pruning longtail --alpha 0.24 --visual-layer 16"}
 REPORT_TO=${REPORT_TO:-wandb}
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -57,9 +60,15 @@ GRAD_ACCUM=$((GLOBAL_BATCH / per_step))
 
 read -r -a launcher <<< "$LAUNCHER"
 read -r -a pruning <<< "$PRUNING_ARGS"
-cmd=("${launcher[@]}" "$TRAIN_SCRIPT"
-  --deepspeed "$DEEPSPEED_CONFIG"
-  --lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5
+if [[ "$(basename "${launcher[0]}")" == python* ]] && [ "$NUM_GPUS" -ne 1 ]; then
+  echo "error: LAUNCHER=$LAUNCHER starts one process; set NUM_GPUS=1 (the batch arithmetic counts processes)" >&2
+  exit 2
+fi
+cmd=("${launcher[@]}" "$TRAIN_SCRIPT")
+if [ -n "$DEEPSPEED_CONFIG" ] && [ "$DEEPSPEED_CONFIG" != "none" ]; then
+  cmd+=(--deepspeed "$DEEPSPEED_CONFIG")
+fi
+cmd+=(--lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5
   --model_name_or_path "$MODEL_NAME_OR_PATH"
   --version v1
   --data_path "$DATA_PATH"
