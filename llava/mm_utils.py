@@ -1,4 +1,10 @@
-"""Prompt ids with image slots, image loading and preprocessing, stopping on keywords (upstream LLaVA's mm_utils)."""
+"""Prompt ids with image slots, image loading and preprocessing, stopping on keywords (upstream LLaVA's mm_utils).
+
+Pixels: upstream LLaVA preprocessed with transformers 4.37's `CLIPImageProcessor` (numpy + pillow). transformers 5
+builds every image processor on torchvision whenever torchvision is importable, and its resize rounds differently
+(up to 0.03 after normalisation), so `load_image_processor` pins the pillow backend, whose pixels equal 4.37's bit
+for bit; `backend="torchvision"` is there for speed and is not upstream-exact (docs/method.md).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,24 @@ import binascii
 import io
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import PreTrainedTokenizerBase, StoppingCriteria
+from transformers import AutoImageProcessor, PreTrainedTokenizerBase, StoppingCriteria
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.utils import is_torchvision_available
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 Resolution = tuple[int, int]  # (width, height), PIL's order
+
+# "pil": numpy + pillow, upstream's pixels (the default); "torchvision": transformers' faster backend, not exact.
+IMAGE_PROCESSOR_BACKENDS = ("pil", "torchvision")
+DEFAULT_IMAGE_PROCESSOR_BACKEND = "pil"
 
 
 def tokenizer_image_token(
@@ -73,6 +86,38 @@ def load_image_from_base64(data: str) -> Image.Image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"base64 data is not a readable image: {err}") from err
+
+
+def check_image_processor_backend(backend: str | None, source: str = "backend") -> str:
+    """The backend name to use (None means the default, 'pil'); anything else unknown is an error naming `source`."""
+    if backend is None:
+        return DEFAULT_IMAGE_PROCESSOR_BACKEND
+    if backend not in IMAGE_PROCESSOR_BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(IMAGE_PROCESSOR_BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def load_image_processor(path: str | os.PathLike, backend: str | None = None) -> BaseImageProcessor:
+    """A vision tower's image processor on an explicit backend: 'pil' (default, upstream's pixels) or 'torchvision'.
+
+    Every tower builds its processor here, so the backend never depends on whether torchvision happens to be
+    installed. transformers falls back to the other backend, with only a warning, when the one asked for is missing
+    or the model family has no class for it; here that is an error instead.
+    """
+    backend = check_image_processor_backend(backend)
+    if backend == "torchvision" and not is_torchvision_available():
+        raise ImportError(
+            "image processor backend 'torchvision' needs torchvision, which is not installed; install the torchvision "
+            "release that matches your torch (from the same index as torch), or use backend 'pil'"
+        )
+    processor = AutoImageProcessor.from_pretrained(path, backend=backend)
+    found = getattr(processor, "backend", None)
+    if found != backend:
+        raise ValueError(
+            f"{type(processor).__name__} from {str(path)!r} runs on the {found!r} backend, not {backend!r}: "
+            f"transformers has no {backend} image processor for this model family"
+        )
+    return processor
 
 
 def expand2square(image: Image.Image, background_color: tuple[int, ...]) -> Image.Image:
@@ -170,7 +215,16 @@ def process_images(
     'pad' squares each image with the processor's mean colour before the usual resize + crop (LLaVA-1.5);
     'anyres' builds the crop stack of LLaVA-1.6; anything else is the processor's own resize + center crop.
     Returns one stacked tensor when all shapes agree, otherwise the list (anyres images with different grids).
+    Build `image_processor` with `load_image_processor` for upstream's pixels; a torchvision-backed one gets a warning.
     """
+    if getattr(image_processor, "backend", None) == "torchvision":
+        warnings.warn(
+            f"{type(image_processor).__name__} runs on transformers' torchvision backend, whose pixels differ from "
+            "upstream LLaVA's (up to 0.03 after normalisation); llava.mm_utils.load_image_processor(path) gives the "
+            "pillow backend, which matches them exactly",
+            UserWarning,
+            stacklevel=2,
+        )
     aspect_ratio = _cfg_get(model_cfg, "image_aspect_ratio")
     if aspect_ratio == "pad":
         background = tuple(int(x * 255) for x in image_processor.image_mean)

@@ -5,10 +5,16 @@ maps `LlamaTokenizer` to a `tokenizers` BPE whose ids differ from sentencepiece 
 one), which silently changes prompts and shifts the training masks. `LlavaLlamaTokenizer` keeps the slow semantics:
 special tokens written in the text become their ids and every other piece of text is what the checkpoint's own
 `tokenizer.model` encodes.
+
+Loading needs no protobuf module: transformers switches the model's dummy prefix off through sentencepiece's
+generated `sentencepiece_model_pb2`, which refuses to import when the protobuf runtime is older than the protoc that
+generated it (sentencepiece 0.2.3: gencode 7.36.1, so any protobuf 6.x, e.g. the one wandb 0.25 pins, fails with
+`VersionError`). `without_dummy_prefix` makes the same one-field edit on the protobuf wire format itself.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -64,13 +70,14 @@ class LlavaLlamaTokenizer(SentencePieceBackend):
         )
         kwargs.pop("special_tokens_pattern", None)
         kwargs.pop("add_prefix_space", None)
+        # legacy=True here keeps the parent away from the protobuf module; the dummy prefix is switched off below.
         super().__init__(
             vocab_file=vocab_file,
             unk_token=unk_token,
             bos_token=bos_token,
             eos_token=eos_token,
             pad_token=pad_token,
-            legacy=legacy,
+            legacy=True,
             clean_up_tokenization_spaces=clean_up_tokenization_spaces,
             sp_model_kwargs=sp_model_kwargs or {},
             special_tokens_pattern=pattern,
@@ -78,6 +85,10 @@ class LlavaLlamaTokenizer(SentencePieceBackend):
             add_eos_token=add_eos_token,
             **kwargs,
         )
+        self.legacy = legacy
+        self.init_kwargs["legacy"] = legacy
+        if not legacy:
+            self.sp_model.LoadFromSerializedProto(without_dummy_prefix(self.sp_model.serialized_model_proto()))
         self._unk_piece_count = len(self.sp_model.encode(str(self.unk_token)))
 
     def tokenize(self, text: str, **kwargs: Any) -> list[str]:
@@ -144,6 +155,83 @@ class LlavaLlamaTokenizer(SentencePieceBackend):
         self.sp_model.LoadFromSerializedProto(proto)
 
 
+# protobuf wire format: a tag is varint(field_number << 3 | wire_type)
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+_NORMALIZER_SPEC = 3  # ModelProto.normalizer_spec (sentencepiece_model.proto)
+_ADD_DUMMY_PREFIX = 3  # NormalizerSpec.add_dummy_prefix, a bool
+
+
+def without_dummy_prefix(model_proto: bytes) -> bytes:
+    """A serialized sentencepiece ModelProto with `normalizer_spec.add_dummy_prefix = false`, other fields as they were.
+
+    What transformers does through the generated protobuf module (parse, set the field, serialize), done on the wire:
+    every `add_dummy_prefix` inside `normalizer_spec` is dropped and one `false` appended (a message field that occurs
+    twice is merged when parsed, and the last value of a scalar wins).
+    """
+    fields = _wire_fields(model_proto, "tokenizer.model")
+    specs = [i for i, field in enumerate(fields) if field[0] == _NORMALIZER_SPEC]
+    if not specs:
+        fields.append((_NORMALIZER_SPEC, _LENGTH_DELIMITED, b""))
+        specs = [len(fields) - 1]
+    for index in specs:
+        number, wire_type, payload = fields[index]
+        if wire_type != _LENGTH_DELIMITED:
+            raise ValueError(f"tokenizer.model: normalizer_spec has wire type {wire_type}, expected a message")
+        inner = [f for f in _wire_fields(payload, "tokenizer.model normalizer_spec") if f[0] != _ADD_DUMMY_PREFIX]
+        if index == specs[-1]:
+            inner.append((_ADD_DUMMY_PREFIX, _VARINT, _varint(0)))
+        fields[index] = (number, wire_type, b"".join(_encode_field(*f) for f in inner))
+    return b"".join(_encode_field(*f) for f in fields)
+
+
+def _wire_fields(data: bytes, what: str) -> list[tuple[int, int, bytes]]:
+    """(field number, wire type, payload) in order; a varint's payload is its encoded bytes, a message's its body."""
+    fields, position = [], 0
+    while position < len(data):
+        tag, position = _read_varint(data, position, what)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == _VARINT:
+            _, end = _read_varint(data, position, what)
+        elif wire_type == _LENGTH_DELIMITED:
+            length, position = _read_varint(data, position, what)
+            end = position + length
+        elif wire_type in (_FIXED64, _FIXED32):
+            end = position + (8 if wire_type == _FIXED64 else 4)
+        else:
+            raise ValueError(f"{what}: unsupported protobuf wire type {wire_type} (field {number})")
+        if end > len(data):
+            raise ValueError(f"{what}: truncated protobuf data (field {number})")
+        fields.append((number, wire_type, data[position:end]))
+        position = end
+    return fields
+
+
+def _read_varint(data: bytes, position: int, what: str) -> tuple[int, int]:
+    value = shift = 0
+    while position < len(data):
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+    raise ValueError(f"{what}: truncated protobuf varint")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _encode_field(number: int, wire_type: int, payload: bytes) -> bytes:
+    length = _varint(len(payload)) if wire_type == _LENGTH_DELIMITED else b""
+    return _varint(number << 3 | wire_type) + length + payload
+
+
 def load_tokenizer(
     path: str | os.PathLike,
     model_max_length: int | None = None,
@@ -153,7 +241,8 @@ def load_tokenizer(
     """Load a checkpoint's tokenizer with the ids upstream LLaVA trained and evaluated with.
 
     `use_fast=True` returns transformers' own `tokenizers`-backed LlamaTokenizer instead; its ids can differ from
-    upstream's (see the module docstring), so it is only there for comparison. The pad token is whatever the
+    upstream's (see the module docstring), so it is only there for comparison. Unlike the default, it needs a
+    protobuf runtime that can import sentencepiece's generated module (transformers converts the model with it). The pad token is whatever the
     checkpoint's files say (none for the released LLaVA-1.5 configs); callers that batch set it (upstream: unk).
     """
     folder = Path(path)
@@ -173,6 +262,7 @@ def load_tokenizer(
     if use_fast:
         from transformers import LlamaTokenizer
 
+        _check_converter_protobuf(folder)
         return LlamaTokenizer.from_pretrained(str(folder), **overrides)
     config = _read_json(folder / TOKENIZER_CONFIG)
     if "legacy" not in config:
@@ -181,6 +271,19 @@ def load_tokenizer(
             folder / TOKENIZER_CONFIG,
         )
     return LlavaLlamaTokenizer.from_pretrained(str(folder), **overrides)
+
+
+def _check_converter_protobuf(folder: Path) -> None:
+    """transformers' converter reads tokenizer.model through sentencepiece's generated protobuf module; when that
+    module cannot load, transformers falls through to an unrelated tiktoken error, so say what is wrong here."""
+    try:
+        importlib.import_module("sentencepiece.sentencepiece_model_pb2")
+    except Exception as err:  # ImportError, or protobuf's VersionError for a runtime older than the gencode
+        raise ImportError(
+            f"load_tokenizer({str(folder)!r}, use_fast=True) needs sentencepiece's protobuf module, which does not "
+            f"load here: {err}. The default tokenizer (use_fast=False) needs no protobuf; or install a protobuf "
+            "runtime at least as new as the one sentencepiece was generated with"
+        ) from err
 
 
 def train_sentencepiece(

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessor, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from llava.mm_utils import (
     KeywordsStoppingCriteria,
@@ -17,6 +17,7 @@ from llava.mm_utils import (
     get_model_name_from_path,
     load_image,
     load_image_from_base64,
+    load_image_processor,
     process_anyres_image,
     process_images,
     resize_and_pad_image,
@@ -46,7 +47,7 @@ def processor(tmp_path_factory):
         "size": 336,
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(config))
-    return CLIPImageProcessor.from_pretrained(folder)
+    return load_image_processor(folder)
 
 
 def two_colour(width: int, height: int) -> Image.Image:

@@ -2,26 +2,30 @@
 
 The reference is built with the `sentencepiece` package alone: split the prompt on `<image>`, split each chunk on
 the special tokens written in it, encode the first piece of a chunk with the model's dummy-prefix space and the
-pieces after a special token without it, BOS once, -200 between chunks.
+pieces after a special token without it, BOS once, -200 between chunks. The model without its dummy prefix is made
+with a two-field protobuf schema built at run time (`ModelProto`), so this file imports, and passes, under any protobuf
+runtime: `.ci/run` runs it with protobuf 7 and with protobuf 6 (issue #28).
 """
 
 import functools
+import importlib
 import json
 import pickle
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
-from sentencepiece import sentencepiece_model_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import tokenizer_image_token
-from llava.tokenization import LlavaLlamaTokenizer, load_tokenizer, train_sentencepiece
+from llava.tokenization import LlavaLlamaTokenizer, load_tokenizer, train_sentencepiece, without_dummy_prefix
 
 LLAMA2_MODEL = Path(__file__).resolve().parents[1].parent / "shared/assets/llama2-tokenizer.model"
 SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -87,11 +91,36 @@ PROMPTS = [
 ]
 
 
+def model_proto_class():
+    """sentencepiece's ModelProto reduced to normalizer_spec.add_dummy_prefix; other fields survive as unknown fields.
+
+    Built from a descriptor at run time, so no generated module (and no gencode/runtime version check) is involved.
+    """
+    field = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="llava_test_sp.proto", package="llava_test_sp", syntax="proto2")
+    file.message_type.add(name="NormalizerSpec").field.add(
+        name="add_dummy_prefix", number=3, type=field.TYPE_BOOL, label=field.LABEL_OPTIONAL
+    )
+    file.message_type.add(name="ModelProto").field.add(
+        name="normalizer_spec",
+        number=3,
+        type=field.TYPE_MESSAGE,
+        type_name=".llava_test_sp.NormalizerSpec",
+        label=field.LABEL_OPTIONAL,
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("llava_test_sp.ModelProto"))
+
+
+ModelProto = model_proto_class()
+
+
 @functools.cache
 def processors(model_file: Path) -> tuple[spm.SentencePieceProcessor, spm.SentencePieceProcessor]:
     """The model as shipped (dummy prefix on) and the same model with the dummy prefix off."""
     with_prefix = spm.SentencePieceProcessor(model_file=str(model_file))
-    proto = sentencepiece_model_pb2.ModelProto.FromString(with_prefix.serialized_model_proto())
+    proto = ModelProto.FromString(with_prefix.serialized_model_proto())
     proto.normalizer_spec.add_dummy_prefix = False
     without_prefix = spm.SentencePieceProcessor()
     without_prefix.LoadFromSerializedProto(proto.SerializeToString())
@@ -174,8 +203,19 @@ def test_return_tensors_pt(trained_dir):
         tokenizer_image_token("a", tokenizer, return_tensors="np")
 
 
+def sentencepiece_protobuf_error() -> str | None:
+    """Why sentencepiece's generated protobuf module does not import here (protobuf 6 vs its 7.x gencode), or None."""
+    try:
+        importlib.import_module("sentencepiece.sentencepiece_model_pb2")
+    except Exception as err:  # protobuf's VersionError
+        return str(err)
+    return None
+
+
 def test_transformers_default_llama_tokenizer_differs_on_space_runs(tokenizer_dir):
     """transformers 5's `tokenizers` LlamaTokenizer (use_fast=True) drifts from sentencepiece; ours does not."""
+    if error := sentencepiece_protobuf_error():
+        pytest.skip(f"transformers' converter cannot run with this protobuf runtime: {error}")
     ours = load_tokenizer(tokenizer_dir)
     fast = load_tokenizer(tokenizer_dir, use_fast=True)
     model = tokenizer_dir / "tokenizer.model"
@@ -308,3 +348,54 @@ def test_tokenizer_without_bos_gets_no_bos(trained_dir):
     prompt = "USER: <image>\nWhat? ASSISTANT:"
     with_bos = tokenizer_image_token(prompt, load_tokenizer(trained_dir))
     assert tokenizer_image_token(prompt, tokenizer) == with_bos[1:]
+
+
+def test_without_dummy_prefix_is_the_protobuf_edit(tokenizer_dir):
+    """The wire-format edit loads as the same model as protobuf's parse-set-serialize (sentencepiece re-serialises
+    both canonically)."""
+    original = (tokenizer_dir / "tokenizer.model").read_bytes()
+    ours = spm.SentencePieceProcessor(model_proto=without_dummy_prefix(original))
+    _, reference = processors(tokenizer_dir / "tokenizer.model")
+    assert ours.serialized_model_proto() == reference.serialized_model_proto()
+    assert ModelProto.FromString(without_dummy_prefix(original)).normalizer_spec.add_dummy_prefix is False
+
+
+def test_without_dummy_prefix_edge_cases():
+    spec = ModelProto()
+    assert ModelProto.FromString(without_dummy_prefix(b"")).normalizer_spec.HasField("add_dummy_prefix")
+    assert without_dummy_prefix(b"") == b"\x1a\x02\x18\x00"  # normalizer_spec { add_dummy_prefix: false }
+    spec.normalizer_spec.add_dummy_prefix = True
+    twice = spec.SerializeToString() * 2  # a repeated message field is merged when parsed
+    edited = ModelProto.FromString(without_dummy_prefix(twice))
+    assert edited.normalizer_spec.add_dummy_prefix is False
+    with pytest.raises(ValueError, match="truncated"):
+        without_dummy_prefix(b"\x1a\x05\x18")
+    with pytest.raises(ValueError, match="wire type 0, expected a message"):
+        without_dummy_prefix(b"\x18\x01")
+
+
+def test_loading_needs_no_protobuf(monkeypatch, tokenizer_dir):
+    """With protobuf unimportable (what an incompatible runtime amounts to), the tokenizer loads and keeps its ids."""
+    import sentencepiece
+
+    for module in ("google.protobuf", "sentencepiece.sentencepiece_model_pb2"):
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delattr(sentencepiece, "sentencepiece_model_pb2", raising=False)
+    with pytest.raises(ImportError):
+        from sentencepiece import sentencepiece_model_pb2  # noqa: F401
+    tokenizer = load_tokenizer(tokenizer_dir)
+    for prompt in PROMPTS:
+        assert tokenizer_image_token(prompt, tokenizer) == sentencepiece_reference(
+            prompt, tokenizer_dir / "tokenizer.model"
+        )
+
+
+def test_use_fast_with_unloadable_protobuf_module_says_why(monkeypatch, trained_dir):
+    """transformers itself would fall through to 'tiktoken is required'; the error names the real cause."""
+    import sentencepiece
+
+    monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)
+    monkeypatch.delattr(sentencepiece, "sentencepiece_model_pb2", raising=False)
+    with pytest.raises(ImportError, match="use_fast=True\\) needs sentencepiece's protobuf module"):
+        load_tokenizer(trained_dir, use_fast=True)
+    assert load_tokenizer(trained_dir)("a b").input_ids[0] == SPECIAL_IDS["<s>"]

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from llava.mm_utils import check_image_processor_backend, load_image_processor
 from llava.utils import looks_like_hub_id
 from pruning import PruningConfig, select_visual_tokens
 
@@ -64,6 +65,10 @@ class CLIPVisionTower(nn.Module):
             )
         self.pruning = PruningConfig.from_dict(getattr(args, "pruning", None), source="model config")
         self._attn_implementation = getattr(args, "_attn_implementation", None) or "sdpa"
+        # 'pil' unless the config says otherwise: upstream's pixels whether or not torchvision is installed
+        self.image_processor_backend = check_image_processor_backend(
+            getattr(args, "image_processor_backend", None), source="image_processor_backend in the model config"
+        )
         if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
             self.load_model()
 
@@ -75,7 +80,7 @@ class CLIPVisionTower(nn.Module):
             self._attn_implementation if self._attn_implementation in ("sdpa", "eager", "flash_attention_2") else "sdpa"
         )
         try:
-            self.image_processor = AutoImageProcessor.from_pretrained(path)
+            self.image_processor = load_image_processor(path, self.image_processor_backend)
             self.vision_tower = CLIPVisionModel.from_pretrained(
                 path, device_map=device_map, dtype=dtype, attn_implementation=attn
             )
