@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from eval.synthetic import CATEGORIES, record_kind, tokenizer_corpus
 from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.mm_utils import load_image_processor
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.model.tiny import TinySpec, llm_config_kwargs, write_tiny_llava
 from llava.tokenization import load_tokenizer, train_sentencepiece
@@ -143,7 +144,7 @@ def object_loss(features: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -
 
 def pretrain_tower(data: Path, tower_dir: Path, head_out: Path, steps: int, batch: int, lr: float, seed: int) -> None:
     torch.manual_seed(seed)
-    processor = CLIPImageProcessor.from_pretrained(tower_dir)
+    processor = load_image_processor(tower_dir)  # pillow, as the tower's own processor, with torchvision or not
     clip = CLIPModel.from_pretrained(tower_dir)
     model = TowerClassifier(CLIPVisionModel(clip.config.vision_config))
     model.tower.load_state_dict(clip.vision_model.state_dict())
