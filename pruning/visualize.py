@@ -16,10 +16,9 @@ _PRUNED_GREY = 128  # pruned patches are blended towards this grey
 _PRUNED_BLEND = 0.8  # share of grey in a pruned patch: dark enough to read as removed, faint content stays visible
 
 
-def plot_similarity_curve(
-    scores_1d: torch.Tensor | Sequence[float], inflection: int, kept: int, path: str | Path
-) -> Path:
-    """The CLS-similarity curve sorted descending, with the split point i* and the kept count k marked (Fig. 3)."""
+def similarity_curve_figure(scores_1d: torch.Tensor | Sequence[float], inflection: int, kept: int):
+    """The CLS-similarity curve sorted descending, with the split point i* and the kept count k marked and both
+    named in the legend (Fig. 3). Returns the matplotlib Figure; the caller saves and closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,15 +31,25 @@ def plot_similarity_curve(
     positions = range(1, n + 1)
     figure, axes = plt.subplots(figsize=(6, 3.5))
     axes.plot(positions, curve, color="tab:blue", linewidth=1.5, label="CLS similarity, sorted")
-    axes.fill_between(positions[:kept], curve[:kept], color="tab:blue", alpha=0.15, label=f"kept k = {kept}")
+    axes.fill_between(positions[:kept], curve[:kept], color="tab:blue", alpha=0.15, label="kept patches (rank <= k)")
     axes.axvline(inflection, color="tab:red", linestyle="--", linewidth=1, label=f"inflection i* = {inflection}")
-    if kept != inflection:
-        axes.axvline(kept, color="tab:green", linestyle=":", linewidth=1)
+    # drawn even where k = i*: the legend then still says what k is
+    axes.axvline(kept, color="tab:green", linestyle=":", linewidth=1.5, label=f"kept count k = {kept}")
     axes.set_xlabel("patch rank (1 = most similar to CLS)")
     axes.set_ylabel("similarity")
     axes.set_xlim(1, max(n, 2))
     axes.legend(loc="upper right", frameon=False)
     figure.tight_layout()
+    return figure
+
+
+def plot_similarity_curve(
+    scores_1d: torch.Tensor | Sequence[float], inflection: int, kept: int, path: str | Path
+) -> Path:
+    """Save the Fig. 3 curve (``similarity_curve_figure``) as a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = similarity_curve_figure(scores_1d, inflection, kept)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150)

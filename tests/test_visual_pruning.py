@@ -12,7 +12,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from pruning.config import PruningConfig
 from pruning.scoring import cls_patch_scores
 from pruning.visual import raster_order_indices, select_visual_tokens
-from pruning.visualize import grey_out_patches, plot_kept_patches, plot_similarity_curve
+from pruning.visualize import grey_out_patches, plot_kept_patches, plot_similarity_curve, similarity_curve_figure
 
 LAYERS = 4
 GRID = 4  # image 56 / patch 14
@@ -295,6 +295,20 @@ def test_grey_out_patches_keeps_exactly_the_kept_cells(tmp_path: object) -> None
     assert np.asarray(Image.open(path)).shape == (40, 40, 3)
     with pytest.raises(ValueError, match="outside a 2x2 grid"):
         grey_out_patches(image, [4], 2)
+
+
+@pytest.mark.parametrize("kept", [8, 3])
+def test_similarity_curve_names_i_star_and_k_in_its_legend(kept: int) -> None:
+    import matplotlib.pyplot as plt
+
+    scores = torch.softmax(torch.randn(N, generator=torch.Generator().manual_seed(2)) * 3, dim=0)
+    figure = similarity_curve_figure(scores, inflection=3, kept=kept)
+    axes = figure.axes[0]
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    lines = {line.get_label(): list(line.get_xdata()) for line in axes.get_lines()}
+    plt.close(figure)
+    assert f"kept count k = {kept}" in legend and lines[f"kept count k = {kept}"] == [kept, kept]
+    assert "inflection i* = 3" in legend and lines["inflection i* = 3"] == [3, 3]
 
 
 def test_plot_similarity_curve_writes_a_png(tmp_path: object) -> None:
