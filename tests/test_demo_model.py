@@ -17,6 +17,9 @@ from llava.model.builder import checkpoint_tensors, load_pretrained_model
 
 CHECKPOINT = demo.DEMO_MODEL
 TOWER = demo.DEMO_TOWER
+# The module fixture runs the demo (minutes): with `pytest -n 2 --dist loadgroup` one worker takes the whole module,
+# so the demo runs once per CI run instead of once per worker.
+pytestmark = pytest.mark.xdist_group("demo_model")
 
 
 @pytest.fixture(scope="module")
