@@ -368,3 +368,23 @@ def test_two_runs_with_the_same_seed_give_the_same_losses(workspace, tmp_path):
     assert first == second
     other_seed = five_step_run(workspace, tmp_path / "c", "1")
     assert [norm for _, norm in other_seed] != [norm for _, norm in first]  # the seed does reach the initialisation
+
+
+def test_task_lora_without_projector_flags_keeps_the_checkpoints_projector_type(workspace, tmp_path):
+    """Left out, --mm_projector_type and friends come from the LLaVA checkpoint (upstream wrote 'linear' into
+    config.json over an mlp2x_gelu projector, and the LoRA folder could not be loaded)."""
+    out = tmp_path / "llava-v1.5-tiny-task-lora"
+    args = train_args(workspace, out)
+    args[args.index("--model_name_or_path") + 1] = str(workspace["llava"])
+    for name in ("--vision_tower", "--pretrain_mm_mlp_adapter", "--mm_projector_type", "--mm_vision_select_layer"):
+        del args[args.index(name) : args.index(name) + 2]
+    train_module.train(argv=[*args, "--max_steps", "1", "--save_strategy", "no"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["mm_projector_type"], config["mm_vision_select_layer"]) == ("mlp2x_gelu", -2)
+    tokenizer, model, processor, _ = load_pretrained_model(str(out), str(workspace["llava"]), None, device="cpu")
+    ids, pixels = image_inputs(tokenizer, model, processor)
+    assert model.generate(ids, images=pixels, max_new_tokens=2, do_sample=False).shape == (1, 2)
+
+    parsed = train_module.parse_args([*args, "--mm_projector_type", "linear"])
+    with pytest.raises(ValueError, match="--mm_projector_type linear: .* has a mlp2x_gelu projector"):
+        train_module.build_model(*parsed[:3], parsed[3])

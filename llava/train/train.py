@@ -47,13 +47,13 @@ class ModelArguments:
     version: str = field(default="v1", metadata={"help": "conversation template: v1 (instruction tuning) or plain"})
     freeze_backbone: bool = False
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP folder or hub id (default: checkpoint's)"})
-    mm_vision_select_layer: int = -2
-    mm_vision_select_feature: str = "patch"
+    mm_vision_select_layer: int | None = field(default=None, metadata={"help": "default: checkpoint's, else -2"})
+    mm_vision_select_feature: str | None = field(default=None, metadata={"help": "default: checkpoint's, else patch"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "mm_projector.bin from pretraining"})
-    mm_projector_type: str = "linear"
+    mm_projector_type: str | None = field(default=None, metadata={"help": "default: checkpoint's, else linear"})
     mm_use_im_start_end: bool = False
     mm_use_im_patch_token: bool = False
-    mm_patch_merge_type: str = "flat"
+    mm_patch_merge_type: str | None = field(default=None, metadata={"help": "default: checkpoint's, else flat"})
     unfreeze_mm_vision_tower: bool = field(
         default=False, metadata={"help": "train the CLIP tower too (LLaVA-NeXT's flag); saved inside the checkpoint"}
     )
@@ -192,6 +192,33 @@ def seed_everything(training_args: TrainingArguments) -> None:
         set_seed(training_args.seed)
 
 
+# upstream's defaults for a base LLM; a LLaVA checkpoint's own values win when the flag is not given
+VISION_ARG_DEFAULTS = {
+    "mm_vision_select_layer": -2,
+    "mm_vision_select_feature": "patch",
+    "mm_projector_type": "linear",
+    "mm_patch_merge_type": "flat",
+}
+
+
+def resolve_vision_args(model_args: ModelArguments, config, source: str) -> None:
+    """Fill the unset vision flags from the checkpoint's config (else upstream's defaults). Training starts from the
+    checkpoint's projector as it is, so a --mm_projector_type naming another kind is refused: the saved config.json
+    would describe a projector the weights do not fit (upstream wrote 'linear' over a LLaVA-1.5 checkpoint's
+    mlp2x_gelu when the flag was left out)."""
+    existing = getattr(config, "mm_projector_type", None) if getattr(config, "mm_vision_tower", None) else None
+    wanted = model_args.mm_projector_type
+    if existing and wanted and wanted != existing:
+        raise ValueError(
+            f"--mm_projector_type {wanted}: {source} has a {existing} projector, which training continues from; "
+            f"leave the flag out or pass {existing}"
+        )
+    for name, default in VISION_ARG_DEFAULTS.items():
+        if getattr(model_args, name) is None:
+            value = getattr(config, name, None) if getattr(config, "mm_vision_tower", None) else None
+            setattr(model_args, name, default if value is None else value)
+
+
 def build_model(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -221,6 +248,7 @@ def build_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token  # upstream's choice for Vicuna templates
 
+    resolve_vision_args(model_args, model.config, model_args.model_name_or_path)
     model_args.vision_tower = model_args.vision_tower or getattr(model.config, "mm_vision_tower", None)
     if model_args.vision_tower:
         model.get_model().initialize_vision_modules(model_args)
