@@ -187,6 +187,8 @@ def test_deepspeed_run_saves_lora_checkpoints_that_load(workspace, tmp_path, con
     assert state["global_step"] == 4
     kept = [e["visual_tokens_kept"] for e in state["log_history"] if "visual_tokens_kept" in e]
     assert kept and all(1 <= k < 64 for k in kept)
+    steps = [e for e in state["log_history"] if "loss" in e]
+    assert all("learning_rate_projector" in e for e in steps)  # the optimizer groups keep their names under ZeRO
     _, base, _, _ = load_pretrained_model(str(workspace["base"]), None, None, device="cpu")
     for folder in (out / "checkpoint-2", out):
         assert all((folder / name).is_file() for name in LORA_FILES), sorted(p.name for p in folder.iterdir())

@@ -60,7 +60,7 @@ GRAD_ACCUM=$((GLOBAL_BATCH / per_step))
 
 read -r -a launcher <<< "$LAUNCHER"
 read -r -a pruning <<< "$PRUNING_ARGS"
-if [[ "$(basename "${launcher[0]}")" == python* ]] && [ "$NUM_GPUS" -ne 1 ]; then
+if [ "${#launcher[@]}" -eq 1 ] && [[ "$(basename "${launcher[0]}")" == python* ]] && [ "$NUM_GPUS" -ne 1 ]; then
   echo "error: LAUNCHER=$LAUNCHER starts one process; set NUM_GPUS=1 (the batch arithmetic counts processes)" >&2
   exit 2
 fi
