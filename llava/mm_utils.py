@@ -61,19 +61,27 @@ def tokenizer_image_token(
     raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
 
 
+class ImageLoadError(ValueError):
+    """An image that cannot be read (a URL, or a file pillow cannot open); the message names it."""
+
+
+class ImageNotFoundError(ImageLoadError, FileNotFoundError):
+    """An image file that does not exist; the message names it."""
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open a local image as RGB, failing with the path in the message (no downloads: this code runs offline)."""
     text = str(path)
     if text.startswith(("http://", "https://")):
-        raise ValueError(f"load_image reads local files only; download {text!r} first and pass its path")
+        raise ImageLoadError(f"load_image reads local files only; download {text!r} first and pass its path")
     file = Path(text)
     if not file.is_file():
-        raise FileNotFoundError(f"image file not found: {text!r}")
+        raise ImageNotFoundError(f"image file not found: {text!r}")
     try:
         with Image.open(file) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {text!r}: {err}") from err
+        raise ImageLoadError(f"cannot read image {text!r}: {err}") from err
 
 
 def load_image_from_base64(data: str) -> Image.Image:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -110,3 +113,72 @@ def load_from_args(args: argparse.Namespace, pruning_overrides: dict | None = No
         vision_tower=args.vision_tower,
         pruning=pruning_overrides or None,
     )
+
+
+def tower_depth(tower: str | None) -> int | None:
+    """The number of encoder layers of a local vision-tower folder, from its config.json (None when unknown)."""
+    if tower is None:
+        return None
+    config_file = Path(os.path.expanduser(tower)) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    return config.get("vision_config", config).get("num_hidden_layers")
+
+
+def check_before_loading(args: argparse.Namespace, pruning_overrides: dict | None = None):
+    """What an entry point can check before the model loads (minutes for a 7B model): the checkpoint's config,
+    the pruning settings resolved against it, and that ``--visual-layer`` exists in the vision tower. Returns the
+    resolved PruningConfig; raises the errors ``user_errors`` lists."""
+    from pruning import PruningConfigError, resolve_pruning
+
+    config = checkpoint_config(args.model_path)
+    pruning = resolve_pruning(config.get("pruning"), pruning_overrides)
+    if pruning.visual_enabled:
+        tower = getattr(args, "vision_tower", None) or resolved_tower(config, args.model_path)
+        depth = tower_depth(tower)
+        if depth is not None and pruning.visual_layer >= depth:
+            raise PruningConfigError(
+                f"--visual-layer {pruning.visual_layer}: the vision tower {tower} has {depth} layers "
+                f"(valid: 0..{depth - 1})"
+            )
+    return pruning
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Mistakes in what a user passed (a missing folder or image, an out-of-range setting), as opposed to bugs:
+    entry points print these as one ``error:`` line instead of a traceback."""
+    from llava.mm_utils import ImageLoadError
+    from llava.model.builder import CheckpointError
+    from llava.model.multimodal_encoder.clip_encoder import VisionTowerError
+    from pruning import PruningConfigError
+
+    return (CheckpointError, VisionTowerError, PruningConfigError, ImageLoadError)
+
+
+USER_ERROR_STATUS = 2  # bad input or settings: rerunning the same command cannot help (scripts tell them apart)
+
+
+class UserErrorExit(SystemExit):
+    """Exit status 2 with the ``error: ...`` line printed once to stderr and kept as ``str(exit)`` for callers."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(USER_ERROR_STATUS)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def exit_with_user_error(err: Exception) -> NoReturn:
+    message = f"error: {err}"
+    print(message, file=sys.stderr)
+    raise UserErrorExit(message) from None
+
+
+def run_entry_point(main, argv: list[str] | None = None):
+    """Run an entry point's ``main(argv)``; a user error ends with one ``error: <message>`` line and status 2."""
+    try:
+        return main(argv)
+    except user_errors() as err:
+        exit_with_user_error(err)

@@ -45,7 +45,7 @@ def test_run_llava_answers_and_reports_tokens(tiny_ckpt, tmp_path, capsys):
 
 def test_run_llava_missing_image_names_the_path(tiny_ckpt, tmp_path):
     missing = tmp_path / "nope.jpg"
-    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+    with pytest.raises(SystemExit, match="error: image file not found: .*nope.jpg"):
         run_llava.main(
             ["--model-path", str(tiny_ckpt), "--image-file", str(missing), "--query", "q", "--device", "cpu"]
         )
@@ -54,7 +54,7 @@ def test_run_llava_missing_image_names_the_path(tiny_ckpt, tmp_path):
 def test_run_llava_corrupt_image_names_the_path(tiny_ckpt, tmp_path):
     corrupt = tmp_path / "broken.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    with pytest.raises(ValueError, match="broken.png"):
+    with pytest.raises(SystemExit, match="error: cannot read image .*broken.png"):
         run_llava.main(
             ["--model-path", str(tiny_ckpt), "--image-file", str(corrupt), "--query", "q", "--device", "cpu"]
         )

@@ -10,7 +10,14 @@ import json
 
 from llava.inference import build_prompt, generate_answers
 from llava.mm_utils import get_model_name_from_path, load_image
-from llava.utils import add_model_args, default_conv_mode, load_from_args, quiet_transformers
+from llava.utils import (
+    add_model_args,
+    check_before_loading,
+    default_conv_mode,
+    load_from_args,
+    quiet_transformers,
+    run_entry_point,
+)
 from pruning import add_pruning_args, pruning_overrides
 
 
@@ -31,10 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def eval_model(args: argparse.Namespace) -> str:
+    images = [load_image(path) for path in args.image_file.split(args.sep)] if args.image_file else []
+    check_before_loading(args, pruning_overrides(args))  # bad settings fail here, not after the model loaded
     quiet_transformers()
     tokenizer, model, image_processor, _ = load_from_args(args, pruning_overrides(args))
     conv_mode = args.conv_mode or default_conv_mode(get_model_name_from_path(args.model_path), model.config)
-    images = [load_image(path) for path in args.image_file.split(args.sep)] if args.image_file else []
     prompt = build_prompt(args.query, conv_mode, num_images=len(images), model_config=model.config)
     answer = generate_answers(
         model,
@@ -54,7 +62,9 @@ def eval_model(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    eval_model(parse_args(argv))
+    """Bad input (a missing or unreadable image or model folder, an invalid pruning value) ends with one
+    ``error:`` line and exit status 2, checked before the model loads."""
+    run_entry_point(lambda args: eval_model(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,14 @@ import sys
 from llava.conversation import conv_templates
 from llava.inference import generate_answers, image_token_text
 from llava.mm_utils import get_model_name_from_path, load_image
-from llava.utils import add_model_args, default_conv_mode, load_from_args, quiet_transformers
+from llava.utils import (
+    add_model_args,
+    check_before_loading,
+    default_conv_mode,
+    load_from_args,
+    quiet_transformers,
+    run_entry_point,
+)
 from pruning import add_pruning_args, pruning_overrides
 
 
@@ -32,12 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def chat(args: argparse.Namespace, stdin=sys.stdin, stdout=sys.stdout) -> list[str]:
+    image = load_image(args.image_file) if args.image_file else None
+    if args.conv_mode is not None and args.conv_mode not in conv_templates:
+        raise SystemExit(f"error: unknown --conv-mode {args.conv_mode!r}; choose one of {', '.join(conv_templates)}")
+    check_before_loading(args, pruning_overrides(args))  # bad settings fail here, not after the model loaded
     quiet_transformers()
     tokenizer, model, image_processor, _ = load_from_args(args, pruning_overrides(args))
     conv_mode = args.conv_mode or default_conv_mode(get_model_name_from_path(args.model_path), model.config)
-    if conv_mode not in conv_templates:
-        raise SystemExit(f"unknown --conv-mode {conv_mode!r}")
-    image = load_image(args.image_file) if args.image_file else None
     conv = conv_templates[conv_mode].copy()
     replies: list[str] = []
     first = True
@@ -71,8 +79,9 @@ def chat(args: argparse.Namespace, stdin=sys.stdin, stdout=sys.stdout) -> list[s
     return replies
 
 
-def main(argv: list[str] | None = None) -> None:
-    chat(parse_args(argv))
+def main(argv: list[str] | None = None) -> list[str]:
+    """Bad input ends with one ``error:`` line and exit status 2, checked before the model loads."""
+    return run_entry_point(lambda args: chat(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""Entry points meet user mistakes with one ``error:`` line and exit status 2, before the model loads (issue #19)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava.eval import run_llava
+from llava.serve import cli
+from llava.utils import USER_ERROR_STATUS
+from tests.conftest import REPO
+
+DEMO = REPO / "playground" / "checkpoints" / "llava-v1.5-demo"
+IMAGE = REPO / "playground" / "demo" / "images" / "green_triangle.png"
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Every case below must stop before the (slow) model load."""
+    import llava.utils
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was noticed")
+
+    monkeypatch.setattr(llava.utils, "load_from_args", fail)
+    monkeypatch.setattr(run_llava, "load_from_args", fail)
+    monkeypatch.setattr(cli, "load_from_args", fail)
+
+
+def cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    return {
+        "missing image": (["--image-file", str(tmp_path / "nope.png")], "image file not found"),
+        "corrupt image": (["--image-file", str(corrupt)], "cannot read image"),
+        "missing model": (["--model-path", str(tmp_path / "no-model"), "--image-file", str(IMAGE)], "not found"),
+        "alpha 0": (["--image-file", str(IMAGE), "--alpha", "0"], "alpha must be in (0, 1], got 0.0"),
+        "alpha -1": (["--image-file", str(IMAGE), "--alpha", "-1"], "alpha must be in (0, 1], got -1.0"),
+        "visual layer 99": (
+            ["--image-file", str(IMAGE), "--visual-pruning", "longtail", "--visual-layer", "99"],
+            "--visual-layer 99: the vision tower",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["missing image", "corrupt image", "missing model", "alpha 0", "alpha -1", "visual layer 99"]
+)
+@pytest.mark.parametrize("entry", ["run_llava", "cli"])
+def test_user_mistakes_stop_with_one_error_line(entry, case, tmp_path, capsys, no_model_loading) -> None:
+    argv, message = cases(tmp_path)[case]
+    argv = ["--model-path", str(DEMO), "--device", "cpu", *argv]
+    if entry == "run_llava":
+        argv += ["--query", "What is this?"]
+    with pytest.raises(SystemExit) as stop:
+        (run_llava.main if entry == "run_llava" else cli.main)(argv)
+    assert stop.value.code == USER_ERROR_STATUS
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_no_traceback_from_the_command_line(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "llava.eval.run_llava", "--model-path", str(DEMO), "--device", "cpu"]
+        + ["--image-file", str(tmp_path / "nope.png"), "--query", "Hi"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == USER_ERROR_STATUS
+    assert done.stderr.strip().startswith("error: image file not found") and "Traceback" not in done.stderr
