@@ -1,4 +1,5 @@
-"""File helpers shared by every scorer: reading answer files, token means, result JSON.
+"""File helpers shared by every scorer (and the runners' JSON-lines and run-record names): reading and appending
+JSON lines, token means, result JSON.
 
 Answer lines are written by ``llava.eval`` runners; each carries upstream's fields (``question_id``, ``prompt``,
 ``text``, ``answer_id``, ``model_id``, ``metadata``) plus ``tokens``: a mapping of per-sample token statistics
@@ -13,33 +14,63 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 class EvalInputError(ValueError):
     """Bad benchmark input; the message names the file, line or question id."""
 
 
+def iter_jsonl(
+    path: str | Path, text: str | None = None, *, error: type[Exception] = EvalInputError, hint: str = ""
+) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSON-lines file (or of ``text``, its contents): the one
+    JSON-lines reader of scorers, runners and judges. Lines end at "\\n" only, so a U+2028 inside an answer is text,
+    not a line break. A line that is not JSON raises ``error`` naming the file and line, with ``hint`` appended."""
+    if text is None:
+        path = Path(path)
+        if not path.is_file():
+            raise error(f"file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: not valid JSON ({err.msg}){hint}") from None
+        yield number, value
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Every JSON object in a JSON-lines file; a bad line is an error naming the file and line number."""
     path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalInputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise EvalInputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for number, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise EvalInputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
+
+
+def split_unfinished(data: bytes) -> tuple[bytes, bytes]:
+    """(the finished lines, an unfinished last line) of an append-only JSON-lines file: lines are written whole and
+    newline-terminated, so a process killed while writing leaves at most its last line without the newline."""
+    end = data.rfind(b"\n") + 1
+    return data[:end], data[end:]
+
+
+def jsonl_line(row: Any) -> str:
+    """One JSON-lines line, as every writer of this project writes it (UTF-8 text kept as is)."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def append_jsonl(handle: TextIO, row: Any) -> None:
+    """Append one line and flush it, so an interruption loses at most the line being written."""
+    handle.write(jsonl_line(row))
+    handle.flush()
 
 
 def read_json(path: str | Path) -> Any:
@@ -117,11 +148,14 @@ def token_stat(tokens: dict[str, Any] | None, stat: str) -> float | None:
     return value if ok else None
 
 
+RUN_RECORD_SUFFIX = ".run.json"
+
+
 def run_record_path(answers_file: str | Path) -> Path:
-    """The runner's record of what produced ``answers/x.jsonl``: ``answers/x.run.json`` (llava/eval/run_record.py
-    writes it; the name is the contract between the two)."""
+    """The runner's record of what produced ``answers/x.jsonl``: ``answers/x.run.json`` (the last suffix replaced).
+    The one definition of the name: ``llava.eval.run_record`` writes the record there, scorers read it."""
     answers_file = Path(answers_file)
-    return answers_file.with_name(answers_file.stem + ".run.json")
+    return answers_file.with_name(answers_file.stem + RUN_RECORD_SUFFIX)
 
 
 def run_fields(answers_file: str | Path | None) -> dict[str, Any]:

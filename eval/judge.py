@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eval.common import append_jsonl, iter_jsonl, split_unfinished
+
 ENV_MODEL = "JUDGE_MODEL"
 ENV_BASE_URL = "OPENAI_BASE_URL"
 ENV_API_KEY = "OPENAI_API_KEY"
@@ -112,17 +114,15 @@ class JudgeCache:
             self._load()
 
     def _load(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(lines):
-                    print(f"warning: {self.path}:{number}: truncated last cache line ignored", file=sys.stderr)
-                    continue
-                raise JudgeError(f"{self.path}:{number}: judge cache line is not valid JSON") from None
+        finished, unfinished = split_unfinished(self.path.read_bytes())
+        records = list(iter_jsonl(self.path, finished.decode("utf-8"), error=JudgeError))
+        number = finished.count(b"\n") + 1
+        try:
+            tail = iter_jsonl(self.path, unfinished.decode("utf-8"), error=JudgeError)
+            records += [(number, record) for _, record in tail]
+        except (JudgeError, UnicodeDecodeError):
+            print(f"warning: {self.path}:{number}: truncated last cache line ignored", file=sys.stderr)
+        for number, record in records:
             if not isinstance(record, dict) or "key" not in record or "reply" not in record:
                 raise JudgeError(f"{self.path}:{number}: judge cache line lacks 'key' or 'reply'")
             self._replies[record["key"]] = record["reply"]
@@ -136,8 +136,7 @@ class JudgeCache:
     def put(self, key: str, reply: str, request: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"key": key, "reply": reply, **request}, ensure_ascii=False) + "\n")
-            handle.flush()
+            append_jsonl(handle, {"key": key, "reply": reply, **request})
         self._replies[key] = reply
 
 

@@ -20,12 +20,20 @@ over all questions. Differences from upstream, all deliberate:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from eval.common import EvalInputError, format_table, read_json, read_jsonl, token_means, write_result
+from eval.common import (
+    EvalInputError,
+    append_jsonl,
+    format_table,
+    iter_jsonl,
+    read_json,
+    read_jsonl,
+    token_means,
+    write_result,
+)
 from eval.judge import Judge, JudgeError, add_judge_args, default_cache_path, judge_from_args
 
 RULE_FILE = Path(__file__).resolve().parent / "rules" / "llavabench.json"
@@ -124,10 +132,11 @@ def drop_stale_reviews(
     if not stale:
         return done
     print(f"{output}: {len(stale)} review(s) of answers that were regenerated; reviewing them again", file=sys.stderr)
-    kept = [line for line in output.read_text(encoding="utf-8").splitlines(keepends=True)
-            if not line.strip() or qid(json.loads(line)["question_id"]) not in stale]  # fmt: skip
+    text = output.read_text(encoding="utf-8")
+    dropped = {number for number, row in iter_jsonl(output, text) if qid(row["question_id"]) in stale}
+    kept = [line for number, line in enumerate(text.split("\n"), 1) if number not in dropped]
     tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.write_text("\n".join(kept), encoding="utf-8")
     tmp.replace(output)
     return {key: row for key, row in done.items() if key not in stale}
 
@@ -190,8 +199,7 @@ def review(
                 print(f"warning: question_id {key}: judge reply has no two scores on its first line", file=sys.stderr)
         line["tokens"] = {} if answer is None else answer.get("tokens", {})
         with output.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-            handle.flush()
+            append_jsonl(handle, line)
         done[key] = line
     return done
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from eval.common import EvalInputError
+from eval.common import EvalInputError, iter_jsonl, jsonl_line
 
 DEFAULT_ORGS = ("lmms-lab-encoder", "lmms-lab")
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -237,7 +237,7 @@ def write_json(path: Path, obj: Any, indent: int | None = None) -> str:
 
 
 def write_jsonl(path: Path, lines: Iterable[dict[str, Any]]) -> str:
-    return write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    return write_text(path, "".join(jsonl_line(line) for line in lines))
 
 
 def int_if_numeric(value: Any) -> Any:
@@ -251,18 +251,7 @@ def jsonl_field(field_name: str) -> Callable[[Path], list[str]]:
     """Reader of one field of every line of a JSON-lines question file (for the image checks)."""
 
     def names(path: Path) -> list[str]:
-        out = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise EvalInputError(f"{path}:{number}: not valid JSON") from None
-                if row.get(field_name):
-                    out.append(row[field_name])
-        return out
+        return [row[field_name] for _, row in iter_jsonl(path) if isinstance(row, dict) and row.get(field_name)]
 
     return names
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from eval import tables
-from eval.common import token_means, token_stat
+from eval.common import run_record_path, token_means, token_stat
 from llava.eval import merge_chunks, model_vqa_loader, run_record, runner
 from llava.utils import default_conv_mode
 from tests.conftest import REPO, random_image
@@ -145,7 +145,7 @@ def test_changed_settings_are_named_and_a_file_without_record_is_refused(tiny_ck
     questions, folder = short_qa
     answers = tmp_path / "answers.jsonl"
     model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers, "--conv-mode", "vicuna_v1"))
-    record = json.loads(run_record.record_path(answers).read_text())
+    record = json.loads(run_record_path(answers).read_text())
     assert record["generation"]["max_new_tokens"] == 4 and record["vision_tower"].endswith("clip")
     assert record["pruning"]["visual_pruning"] == "none" and len(record["pruning"]) > 10  # every parameter
 
@@ -164,7 +164,7 @@ def test_changed_settings_are_named_and_a_file_without_record_is_refused(tiny_ck
     same = loader_args(tiny_ckpt, questions, folder, answers, "--conv-mode", "vicuna_v1", "--batch-size", "3")
     assert model_vqa_loader.main(same) == 0
 
-    run_record.record_path(answers).unlink()
+    run_record_path(answers).unlink()
     with pytest.raises(SystemExit, match="holds answers but no run record"):
         model_vqa_loader.main(same)
 
@@ -178,11 +178,11 @@ def test_a_new_code_version_resumes_and_is_noted(tiny_ckpt, short_qa, tmp_path, 
     monkeypatch.setattr(run_record, "code_version", lambda: "v-old")
     # the first three questions under the old code ...
     model_vqa_loader.main(loader_args(tiny_ckpt, first, folder, answers))
-    shutil.copy(run_record.record_path(answers), tmp_path / "old.run.json")
+    shutil.copy(run_record_path(answers), tmp_path / "old.run.json")
     # ... the rest under the new one, into the same file: allowed, and the record lists both versions
     monkeypatch.setattr(run_record, "code_version", lambda: "v-new")
     assert model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers)) == 2
-    record = json.loads(run_record.record_path(answers).read_text())
+    record = json.loads(run_record_path(answers).read_text())
     assert record["code_version"] == "v-old" and record["resumed_with"] == ["v-old", "v-new"]
 
 
@@ -191,11 +191,11 @@ def test_merging_chunks_answered_with_different_settings_is_refused(tmp_path) ->
     for idx, mode in enumerate(("vicuna_v1", "llava_v1")):
         chunk = tmp_path / f"2_{idx}.jsonl"
         chunk.write_text(json.dumps({"question_id": idx}) + "\n")
-        run_record.write_record(run_record.record_path(chunk), {"benchmark": "b", "conv_mode": mode})
+        run_record.write_record(run_record_path(chunk), {"benchmark": "b", "conv_mode": mode})
         chunks.append(str(chunk))
     assert merge_chunks.main(["--out", str(tmp_path / "merged.jsonl"), *chunks]) == 2
     assert not (tmp_path / "merged.jsonl").exists()
-    run_record.write_record(run_record.record_path(Path(chunks[1])), {"benchmark": "b", "conv_mode": "vicuna_v1"})
+    run_record.write_record(run_record_path(Path(chunks[1])), {"benchmark": "b", "conv_mode": "vicuna_v1"})
     assert merge_chunks.main(["--out", str(tmp_path / "merged.jsonl"), *chunks]) == 0
     assert read_lines(tmp_path / "merged.jsonl") == [{"question_id": 0}, {"question_id": 1}]
     assert json.loads((tmp_path / "merged.run.json").read_text())["chunks"] == 2

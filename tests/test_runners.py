@@ -96,6 +96,27 @@ def test_unfinished_last_line_is_cut_and_a_bad_middle_line_is_an_error(tmp_path:
         read_answered(answers)
 
 
+def test_a_line_separator_inside_an_answer_is_text_not_a_line_break(tmp_path: Path) -> None:
+    """Answers are written with ensure_ascii=False, so U+2028 / U+2029 stay raw inside a JSON string; every reader
+    (resume, retry of failed answers, question files, scorers) splits lines at "\\n" only."""
+    from eval.common import read_jsonl
+
+    rows = [
+        {"question_id": 1, "text": "first\u2028second"},
+        {"question_id": 2, "text": "", "error": "image missing"},
+        {"question_id": 3, "text": "a\u2029b\x85c"},
+    ]
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_answered(answers) == Counter({("1", "", ""): 1, ("3", "", ""): 1})
+    assert read_jsonl(answers) == rows
+    assert runner.drop_failed_answers(answers) == 1
+    assert read_jsonl(answers) == [rows[0], rows[2]]
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 7, "image": "x.png", "text": "Is it\u2028red?"}])
+    questions.write_text(questions.read_text().replace("\\u2028", "\u2028"), encoding="utf-8")
+    assert [s.text for s in model_vqa_loader.read_question_lines(questions, tmp_path)] == ["Is it\u2028red?"]
+
+
 def test_repeated_ids_resume_in_order_and_foreign_answers_are_refused(tmp_path: Path) -> None:
     # MME asks two questions per image under one question_id; MMBench rounds share an id.
     samples = [
@@ -112,10 +133,10 @@ def test_repeated_ids_resume_in_order_and_foreign_answers_are_refused(tmp_path: 
 
 def test_plain_checkpoints_switch_to_the_mmtag_template_in_loader_and_mmbench_only() -> None:
     args = argparse.Namespace(conv_mode="v1")
-    assert runner.resolve_conv_mode(args, model_vqa_loader.BENCHMARK, "llava-v1.5-7b-plain", None) == "v1_mmtag"
-    assert runner.resolve_conv_mode(args, model_vqa_mmbench.BENCHMARK, "llava-plain", None) == "v1_mmtag"
-    assert runner.resolve_conv_mode(args, model_vqa.BENCHMARK, "llava-plain", None) == "v1"
-    assert runner.resolve_conv_mode(args, model_vqa_loader.BENCHMARK, "llava-plain-finetune", None) == "v1"
+    assert runner.resolve_conv_mode(args, model_vqa_loader.FORMAT, "llava-v1.5-7b-plain", None) == "v1_mmtag"
+    assert runner.resolve_conv_mode(args, model_vqa_mmbench.FORMAT, "llava-plain", None) == "v1_mmtag"
+    assert runner.resolve_conv_mode(args, model_vqa.FORMAT, "llava-plain", None) == "v1"
+    assert runner.resolve_conv_mode(args, model_vqa_loader.FORMAT, "llava-plain-finetune", None) == "v1"
 
 
 # ---- answer files from the tiny model ---------------------------------------------------------------------------

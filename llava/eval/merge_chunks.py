@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from eval.common import run_record_path, split_unfinished
 from llava.eval import run_record
 
 
@@ -25,19 +26,19 @@ def merge(chunks: list[Path], out: Path) -> int:
         if not chunk.is_file():
             raise run_record.RunRecordError(f"chunk answers file not found: {chunk}")
         data = chunk.read_bytes()
-        if data and not data.endswith(b"\n"):
+        if split_unfinished(data)[1]:
             raise run_record.RunRecordError(f"{chunk}: the last line is unfinished; rerun the script to resume it")
         parts.append(data)
-        record = run_record.read_record(run_record.record_path(chunk))
+        record = run_record.read_record(run_record_path(chunk))
         if record is None and data.strip():
-            raise run_record.RunRecordError(f"{chunk} has answers but no run record ({run_record.record_path(chunk)})")
+            raise run_record.RunRecordError(f"{chunk} has answers but no run record ({run_record_path(chunk)})")
         if record is not None:
             records.append((chunk, record))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(b"".join(parts))
     if records:
-        run_record.write_record(run_record.record_path(out), run_record.merge_records(records))
+        run_record.write_record(run_record_path(out), run_record.merge_records(records))
     os.replace(tmp, out)
     return sum(part.count(b"\n") for part in parts)
 

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import argparse
 
+from llava.eval import runner
 from llava.eval.model_vqa_loader import read_question_lines
-from llava.eval.runner import Benchmark, Sample, run_benchmark
+from llava.eval.runner import QuestionFormat, Sample
 
 
 def read(args: argparse.Namespace) -> list[Sample]:
     return read_question_lines(args.question_file, args.image_folder)
 
 
-BENCHMARK = Benchmark("model_vqa", read, temperature=0.2, max_new_tokens=1024)
+FORMAT = QuestionFormat("model_vqa", read, temperature=0.2, max_new_tokens=1024)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_benchmark(BENCHMARK, argv, __doc__)
+    return runner.main(FORMAT, argv, __doc__)
 
 
 if __name__ == "__main__":

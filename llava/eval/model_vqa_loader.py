@@ -12,37 +12,31 @@ single word or phrase.") is already in ``text``, as in LLaVA's eval.zip. The ans
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from llava.eval.runner import Benchmark, RunnerInputError, Sample, run_benchmark
+from eval.common import iter_jsonl
+from llava.eval import runner
+from llava.eval.runner import QuestionFormat, RunnerInputError, Sample
 
 
 def read_question_lines(path: str | Path, image_folder: str | Path) -> list[Sample]:
     """JSON-lines questions; a line without ``text`` or with a bad ``image`` is a per-question error (skippable)."""
     path, folder = Path(path), Path(image_folder)
     samples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RunnerInputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or "question_id" not in row:
-                raise RunnerInputError(f"{path}:{number}: expected a JSON object with a question_id")
-            sample = Sample(row["question_id"], "", f"{path} line {number}")
-            text, image = row.get("text"), row.get("image")
-            if not isinstance(text, str):
-                sample.error = f"no question 'text' (found {text!r})"
-            elif image is not None and not isinstance(image, str):
-                sample.error = f"'image' must be a file name, found {image!r}"
-            else:
-                sample.text = text
-                sample.fields = {"prompt": text}
-                sample.image = folder / image if image else None
-            samples.append(sample)
+    for number, row in iter_jsonl(path, error=RunnerInputError):
+        if not isinstance(row, dict) or "question_id" not in row:
+            raise RunnerInputError(f"{path}:{number}: expected a JSON object with a question_id")
+        sample = Sample(row["question_id"], "", f"{path} line {number}")
+        text, image = row.get("text"), row.get("image")
+        if not isinstance(text, str):
+            sample.error = f"no question 'text' (found {text!r})"
+        elif image is not None and not isinstance(image, str):
+            sample.error = f"'image' must be a file name, found {image!r}"
+        else:
+            sample.text = text
+            sample.fields = {"prompt": text}
+            sample.image = folder / image if image else None
+        samples.append(sample)
     return samples
 
 
@@ -50,11 +44,11 @@ def read(args: argparse.Namespace) -> list[Sample]:
     return read_question_lines(args.question_file, args.image_folder)
 
 
-BENCHMARK = Benchmark("model_vqa_loader", read, temperature=0.2, max_new_tokens=128, plain_mmtag=True)
+FORMAT = QuestionFormat("model_vqa_loader", read, temperature=0.2, max_new_tokens=128, plain_mmtag=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_benchmark(BENCHMARK, argv, __doc__)
+    return runner.main(FORMAT, argv, __doc__)
 
 
 if __name__ == "__main__":

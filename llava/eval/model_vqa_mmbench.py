@@ -18,7 +18,8 @@ import argparse
 import csv
 from pathlib import Path
 
-from llava.eval.runner import Benchmark, RunnerInputError, Sample, run_benchmark
+from llava.eval import runner
+from llava.eval.runner import QuestionFormat, RunnerInputError, Sample
 from llava.mm_utils import load_image_from_base64
 
 OPTION_CHARS = ("A", "B", "C", "D")
@@ -106,13 +107,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lang", choices=sorted(INSTRUCTIONS), default="en", help="language of the instruction")
 
 
-BENCHMARK = Benchmark(
+FORMAT = QuestionFormat(
     "model_vqa_mmbench", read, temperature=0.2, max_new_tokens=128, add_args=add_args, plain_mmtag=True
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_benchmark(BENCHMARK, argv, __doc__)
+    return runner.main(FORMAT, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.eval.runner import Benchmark, RunnerInputError, Sample, run_benchmark
+from llava.eval import runner
+from llava.eval.runner import QuestionFormat, RunnerInputError, Sample
 
 SINGLE_PRED = "Answer with the option's letter from the given choices directly."
 
@@ -60,11 +61,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single-pred-prompt", action="store_true", help="append the answer-with-a-letter line")
 
 
-BENCHMARK = Benchmark("model_vqa_science", read, temperature=0.2, max_new_tokens=1024, add_args=add_args)
+FORMAT = QuestionFormat("model_vqa_science", read, temperature=0.2, max_new_tokens=1024, add_args=add_args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_benchmark(BENCHMARK, argv, __doc__)
+    return runner.main(FORMAT, argv, __doc__)
 
 
 if __name__ == "__main__":

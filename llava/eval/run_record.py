@@ -7,7 +7,8 @@ the code version. A run that resumes an answers file must have the same settings
 ``COMPARED``); otherwise it stops and names the differences, and ``--overwrite`` starts afresh. Scorers copy the
 record into their result JSON, which is what ``eval.tables`` matches its ``model`` / ``config`` keys against.
 
-The record is a plain JSON file: scorers (``eval/``) read it without importing this module.
+The record is a plain JSON file: scorers (``eval/``) read it without importing this module. Its name comes from
+``eval.common.run_record_path``, the one definition both sides use.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-RECORD_SUFFIX = ".run.json"
+from eval.common import run_record_path
+
 # Settings that change the answers. The code version and the batch size are recorded but not compared: resuming
 # after a bug fix or with another batch size is allowed (greedy answers do not depend on the batch size).
 COMPARED = (
@@ -40,12 +42,6 @@ _FINGERPRINT_SUFFIXES = (".bin", ".safetensors", ".json", ".model")
 
 class RunRecordError(ValueError):
     """An answers file whose run record is missing, unreadable or different from this run's settings."""
-
-
-def record_path(answers_file: str | os.PathLike) -> Path:
-    """``x/name.jsonl`` -> ``x/name.run.json`` (the last suffix replaced)."""
-    answers_file = Path(answers_file)
-    return answers_file.with_name(answers_file.stem + RECORD_SUFFIX)
 
 
 def resolved_location(path: str | None) -> str | None:
@@ -161,7 +157,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def check_resume(answers_file: Path, record: dict[str, Any]) -> None:
     """Refuse to add answers under other settings to an answers file that already holds answers."""
-    path = record_path(answers_file)
+    path = run_record_path(answers_file)
     old = read_record(path)
     if old is None:
         raise RunRecordError(

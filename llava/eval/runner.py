@@ -1,7 +1,9 @@
-"""The one runner core behind every benchmark runner (model_vqa_loader, model_vqa_science, model_vqa_mmbench, model_vqa).
+"""The one runner core behind every question format (model_vqa_loader, model_vqa_science, model_vqa_mmbench, model_vqa).
 
-A benchmark module only describes its format: how to read its question file into ``Sample``s (question text,
-image, the answer fields it adds) and its default generation settings. Everything else lives here, once:
+A runner module only describes its question format (``QuestionFormat``): how to read a question file into
+``Sample``s (question text, image, the answer fields it adds), its own flags and upstream's default generation
+settings for it. Which benchmark uses which format, with which files and flags, is the benchmark's spec
+(``eval/benchmarks.py``). Everything else lives here, once:
 
 - chunking: ``--num-chunks N --chunk-idx i`` takes the i-th of N contiguous slices (upstream's split), so the chunk
   files concatenated in index order are exactly the answers of one run;
@@ -22,7 +24,6 @@ image, the answer fields it adds) and its default generation settings. Everythin
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -37,6 +38,7 @@ import shortuuid
 from PIL import Image
 from tqdm import tqdm
 
+from eval.common import append_jsonl, iter_jsonl, run_record_path, split_unfinished
 from llava.eval import run_record
 from llava.mm_utils import load_image
 
@@ -72,8 +74,10 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class Benchmark:
-    """A question format: a reader plus upstream's defaults for its runner."""
+class QuestionFormat:
+    """A question format: a reader, its own flags and upstream's defaults for its runner. ``name`` is the runner
+    module's (``python -m llava.eval.<name>``) and the run record's ``benchmark`` field, as before benchmarks had
+    specs of their own."""
 
     name: str
     read: Callable[[argparse.Namespace], list[Sample]]
@@ -98,13 +102,13 @@ def answer_key(row: dict[str, Any]) -> AnswerKey:
 # ---- command line ---------------------------------------------------------------------------------------------
 
 
-def build_parser(benchmark: Benchmark, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(question_format: QuestionFormat, description: str | None = None) -> argparse.ArgumentParser:
     """Upstream's runner flags (underscore spellings kept, dashed ones accepted), plus chunk/batch/resume/pruning."""
     from llava.utils import add_model_args
     from pruning import add_pruning_args
 
     parser = argparse.ArgumentParser(
-        prog=f"python -m llava.eval.{benchmark.name}",
+        prog=f"python -m llava.eval.{question_format.name}",
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -115,11 +119,15 @@ def build_parser(benchmark: Benchmark, description: str | None = None) -> argpar
     parser.add_argument("--conv-mode", type=str, default=None, help="default: chosen from the checkpoint")
     parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many slices")
     parser.add_argument("--chunk-idx", type=int, default=0, help="which slice this process answers (0-based)")
-    parser.add_argument("--temperature", type=float, default=benchmark.temperature)
+    parser.add_argument("--temperature", type=float, default=question_format.temperature)
     parser.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
     parser.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1)
     parser.add_argument(
-        "--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=benchmark.max_new_tokens
+        "--max_new_tokens",
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        default=question_format.max_new_tokens,
     )
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (only matters with --temperature > 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call (left-padded)")
@@ -130,8 +138,8 @@ def build_parser(benchmark: Benchmark, description: str | None = None) -> argpar
     )
     parser.add_argument("--overwrite", action="store_true", help="start the answers file afresh instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    if benchmark.add_args is not None:
-        benchmark.add_args(parser)
+    if question_format.add_args is not None:
+        question_format.add_args(parser)
     add_pruning_args(parser)
     return parser
 
@@ -168,26 +176,19 @@ def read_answered(path: Path, count_failed: bool = False) -> Counter:
     done: Counter = Counter()
     if not path.exists():
         return done
-    data = path.read_bytes()
-    complete_end = data.rfind(b"\n") + 1
-    if complete_end < len(data):
+    finished, unfinished = split_unfinished(path.read_bytes())
+    if unfinished:
         print(
-            f"{path}: removing an unfinished last line ({len(data) - complete_end} bytes) left by an interrupted run",
+            f"{path}: removing an unfinished last line ({len(unfinished)} bytes) left by an interrupted run",
             file=sys.stderr,
         )
         with path.open("r+b") as handle:
-            handle.truncate(complete_end)
-    for number, line in enumerate(data[:complete_end].decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RunnerInputError(
-                f"{path}:{number}: not valid JSON ({err.msg}); only the last line of an answers file can be cut "
-                "short by a crash, so this file was edited or is not an answers file: fix it, delete it, or pass "
-                "--overwrite"
-            ) from None
+            handle.truncate(len(finished))
+    hint = (
+        "; only the last line of an answers file can be cut short by a crash, so this file was edited or is not an "
+        "answers file: fix it, delete it, or pass --overwrite"
+    )
+    for number, row in iter_jsonl(path, finished.decode("utf-8"), error=RunnerInputError, hint=hint):
         if not isinstance(row, dict) or "question_id" not in row:
             raise RunnerInputError(f"{path}:{number}: not an answer line (no question_id)")
         if count_failed or row.get("error") is None:
@@ -200,17 +201,18 @@ def drop_failed_answers(path: Path) -> int:
     in place, so an interruption leaves either the old or the new file. Returns how many lines were removed."""
     if not path.exists():
         return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if line.strip() and json.loads(line).get("error") is not None:
-            dropped += 1
-        else:
-            kept.append(line)
-    if dropped:
+    text = path.read_text(encoding="utf-8")
+    failed = {
+        number
+        for number, row in iter_jsonl(path, text, error=RunnerInputError)
+        if isinstance(row, dict) and row.get("error") is not None
+    }
+    if failed:
+        kept = [line for number, line in enumerate(text.split("\n"), 1) if number not in failed]
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.write_text("\n".join(kept), encoding="utf-8")
         os.replace(tmp, path)
-    return dropped
+    return len(failed)
 
 
 def pending_samples(samples: Sequence[Sample], done: Counter, answers_file: Path) -> list[Sample]:
@@ -292,7 +294,7 @@ def run(
     answers_file.parent.mkdir(parents=True, exist_ok=True)
     if overwrite:
         answers_file.unlink(missing_ok=True)
-        run_record.record_path(answers_file).unlink(missing_ok=True)
+        run_record_path(answers_file).unlink(missing_ok=True)
     if record is not None:
         save_record(answers_file, record)
     retried = drop_failed_answers(answers_file)
@@ -333,8 +335,7 @@ def run(
                     text, tokens = by_index[index]
                     generated_tokens += int(tokens.get("generated", 0) or 0)
                     row = answer_line(sample, text, tokens, model_id)
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                out.flush()
+                append_jsonl(out, row)
                 written += 1
             bar.update(len(batch))
             bar.set_postfix_str(f"{generated_tokens / max(time.perf_counter() - start, 1e-9):.1f} gen tok/s")
@@ -353,7 +354,7 @@ def check_record(answers_file: Path, record: dict[str, Any]) -> None:
 def save_record(answers_file: Path, record: dict[str, Any]) -> None:
     """Check the record against the file's, then write it; a resume under a new code version is noted in it."""
     check_record(answers_file, record)
-    path = run_record.record_path(answers_file)
+    path = run_record_path(answers_file)
     old = run_record.read_record(path) if any(read_answered(answers_file, count_failed=True).values()) else None
     if old is not None:
         versions = old.get("resumed_with", [old.get("code_version")])
@@ -371,27 +372,27 @@ def save_record(answers_file: Path, record: dict[str, Any]) -> None:
 # ---- model side -----------------------------------------------------------------------------------------------
 
 
-def resolve_conv_mode(args: argparse.Namespace, benchmark: Benchmark, model_name: str, model_config) -> str:
+def resolve_conv_mode(args: argparse.Namespace, question_format: QuestionFormat, model_name: str, model_config) -> str:
     """--conv-mode, else the template upstream evaluated this family with (``llava.utils.default_conv_mode``)."""
     from llava.utils import default_conv_mode
 
     conv_mode = args.conv_mode or default_conv_mode(model_name, model_config, purpose="eval")
-    if benchmark.plain_mmtag and "plain" in model_name and "finetune" not in model_name.lower():
+    if question_format.plain_mmtag and "plain" in model_name and "finetune" not in model_name.lower():
         if "mmtag" not in conv_mode:
             conv_mode += "_mmtag"
     return conv_mode
 
 
-def benchmark_options(benchmark: Benchmark, args: argparse.Namespace) -> dict[str, Any]:
-    """The values of the benchmark's own flags (e.g. ScienceQA's --single-pred-prompt), for the run record."""
-    if benchmark.add_args is None:
+def format_options(question_format: QuestionFormat, args: argparse.Namespace) -> dict[str, Any]:
+    """The values of the format's own flags (e.g. ScienceQA's --single-pred-prompt), for the run record."""
+    if question_format.add_args is None:
         return {}
     own = argparse.ArgumentParser(add_help=False)
-    benchmark.add_args(own)
+    question_format.add_args(own)
     return {action.dest: getattr(args, action.dest) for action in own._actions}
 
 
-def build_run_record(args: argparse.Namespace, benchmark: Benchmark) -> tuple[dict[str, Any], str]:
+def build_run_record(args: argparse.Namespace, question_format: QuestionFormat) -> tuple[dict[str, Any], str]:
     """(this run's record, conv mode), from the checkpoint's config.json alone: checked before the model loads."""
     from types import SimpleNamespace
 
@@ -406,17 +407,17 @@ def build_run_record(args: argparse.Namespace, benchmark: Benchmark) -> tuple[di
     except (CheckpointError, PruningConfigError) as err:
         raise RunnerInputError(str(err)) from None
     model_name = get_model_name_from_path(args.model_path)
-    conv_mode = resolve_conv_mode(args, benchmark, model_name, SimpleNamespace(**config))
+    conv_mode = resolve_conv_mode(args, question_format, model_name, SimpleNamespace(**config))
     tower = args.vision_tower or resolved_tower(config, args.model_path)
     record = run_record.build_record(
-        benchmark=benchmark.name,
+        benchmark=question_format.name,
         model_path=args.model_path,
         model_base=args.model_base,
         vision_tower=tower,
         conv_mode=conv_mode,
         generation=generation_settings(args),
         pruning=pruning,
-        options=benchmark_options(benchmark, args),
+        options=format_options(question_format, args),
         question_file=args.question_file,
         batch_size=args.batch_size,
     )
@@ -448,31 +449,31 @@ def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_benchmark(benchmark: Benchmark, argv: list[str] | None = None, description: str | None = None) -> int:
+def main(question_format: QuestionFormat, argv: list[str] | None = None, description: str | None = None) -> int:
     """Parse the flags, read and chunk the questions, check the run record, load the model only if something is
     left to answer, run. Bad input or settings that differ from the answers file's end with exit status 2."""
     from llava.mm_utils import get_model_name_from_path
     from llava.utils import load_from_args, quiet_transformers
     from pruning import pruning_overrides
 
-    args = build_parser(benchmark, description).parse_args(argv)
+    args = build_parser(question_format, description).parse_args(argv)
     try:
         check_args(args)
-        samples = get_chunk(benchmark.read(args), args.num_chunks, args.chunk_idx)
+        samples = get_chunk(question_format.read(args), args.num_chunks, args.chunk_idx)
         if not samples:
             raise RunnerInputError(f"--question-file {args.question_file} holds no questions")
         answers_file = Path(args.answers_file)
         if args.overwrite:
             answers_file.unlink(missing_ok=True)
-            run_record.record_path(answers_file).unlink(missing_ok=True)
-        record, conv_mode = build_run_record(args, benchmark)
+            run_record_path(answers_file).unlink(missing_ok=True)
+        record, conv_mode = build_run_record(args, question_format)
         check_record(answers_file, record)
         pending = pending_samples(samples, read_answered(answers_file), answers_file)
         if not args.skip_errors:
             check_images_exist(pending)
     except RunnerInputError as err:
         exit_with(err)
-    desc = f"{benchmark.name} chunk {args.chunk_idx + 1}/{args.num_chunks}"
+    desc = f"{question_format.name} chunk {args.chunk_idx + 1}/{args.num_chunks}"
     if not pending:
         save_record(answers_file, record)
         print(f"{desc}: all {len(samples)} questions already answered in {answers_file}", file=sys.stderr)
