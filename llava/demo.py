@@ -24,7 +24,6 @@ import argparse
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +90,11 @@ def synthetic_test_set(output: Path, num_images: int) -> Path:
 
 
 def settings(base: PruningConfig, topk: int | None) -> dict[str, PruningConfig]:
-    off = replace(base, visual_pruning="none", kv_pruning="none")
-    ours = replace(off, visual_pruning="longtail")
-    out = {"none": off, "stage1": ours, "stages12": replace(ours, kv_pruning="h2o")}
+    off = base.merged(visual_pruning="none", kv_pruning="none")
+    ours = off.merged(visual_pruning="longtail")
+    out = {"none": off, "stage1": ours, "stages12": ours.merged(kv_pruning="h2o")}
     if topk is not None:
-        out["topk"] = replace(off, visual_pruning="topk", visual_topk=topk)
+        out["topk"] = off.merged(visual_pruning="topk", visual_topk=topk)
     return out
 
 

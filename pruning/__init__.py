@@ -1,32 +1,61 @@
-"""Model-agnostic pruning algorithms (torch only; never imports llava): stage 1 visual token pruning, stage 2 KV
-eviction, their shared config. See docs/method.md."""
+"""Model-agnostic token-reduction methods (torch only; never imports llava), in one registry with two families:
+vision side (pruning/visual.py; stage 1's keep rules in pruning/strategies.py) and LLM side (pruning/llm.py; stage 2's
+KV eviction in pruning/kv_cache.py + pruning/h2o.py). Importing the package registers the built-in methods.
+See docs/method.md and docs/architecture.md.
+"""
 
+from pruning import h2o, strategies  # noqa: F401  (registers the built-in methods)
 from pruning.config import PruningConfig, PruningConfigError, add_pruning_args, pruning_overrides, resolve_pruning
 from pruning.h2o import enable_kv_eviction
 from pruning.inflection import inflection_point, keep_count, split_objective
 from pruning.kv_cache import KVEvictionCache, kv_budget
+from pruning.llm import (
+    KVCachePolicy,
+    LayerDropper,
+    LayerView,
+    drop_tokens,
+    register_kv_method,
+    register_llm_method,
+)
+from pruning.registry import Param
 from pruning.scoring import cls_patch_scores
-from pruning.strategies import KeepDecision, StrategyResult, apply_strategy, get_strategy, register_strategy
-from pruning.visual import VisualSelection, raster_order_indices, select_visual_tokens
+from pruning.strategies import KeepDecision, StrategyResult, apply_strategy, register_keep_rule
+from pruning.visual import (
+    ReducedPatches,
+    VisionContext,
+    VisualSelection,
+    raster_order_indices,
+    register_vision_method,
+    select_visual_tokens,
+)
 
 __all__ = [
+    "KVCachePolicy",
     "KVEvictionCache",
     "KeepDecision",
+    "LayerDropper",
+    "LayerView",
+    "Param",
     "PruningConfig",
     "PruningConfigError",
+    "ReducedPatches",
     "StrategyResult",
+    "VisionContext",
     "VisualSelection",
     "add_pruning_args",
     "apply_strategy",
     "cls_patch_scores",
+    "drop_tokens",
     "enable_kv_eviction",
-    "get_strategy",
     "inflection_point",
     "keep_count",
     "kv_budget",
     "pruning_overrides",
     "raster_order_indices",
-    "register_strategy",
+    "register_keep_rule",
+    "register_kv_method",
+    "register_llm_method",
+    "register_vision_method",
     "resolve_pruning",
     "select_visual_tokens",
     "split_objective",

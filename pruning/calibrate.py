@@ -16,7 +16,6 @@ The algorithms here need only the scores; ``main`` is the one place that loads a
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -63,7 +62,7 @@ def alpha_for_mean(
         raise ValueError(f"the target mean count must be > 0, got {target!r}")
 
     def mean(alpha: float) -> float:
-        return kept_counts(scores, replace(config, visual_pruning=rule, alpha=alpha)).double().mean().item()
+        return kept_counts(scores, config.merged(visual_pruning=rule, alpha=alpha)).double().mean().item()
 
     # longtail: k shrinks as alpha grows; alpha_times: k grows with alpha. Bisect on the monotone direction.
     grows = rule == "alpha_times"
@@ -96,16 +95,16 @@ def calibrate(
         )
     n = scores.shape[1]
     target = target_count if target_count is not None else PAPER_KEPT * n / PAPER_N
-    longtail = replace(config, visual_pruning="longtail")
+    longtail = config.merged(visual_pruning="longtail")
     default_k = kept_counts(scores, longtail)
     alpha, reached = alpha_for_mean(scores, target, config, "longtail")
     literal_alpha, literal_reached = alpha_for_mean(scores, target, config, "alpha_times")
     same_count = max(1, round(default_k.double().mean().item()))
     rules = {
         f"longtail (alpha={config.alpha})": default_k,
-        f"longtail (alpha={alpha}, target)": kept_counts(scores, replace(longtail, alpha=alpha)),
-        f"alpha_times (alpha={config.alpha})": kept_counts(scores, replace(config, visual_pruning="alpha_times")),
-        f"topk (k={same_count})": kept_counts(scores, replace(config, visual_pruning="topk", visual_topk=same_count)),
+        f"longtail (alpha={alpha}, target)": kept_counts(scores, longtail.merged(alpha=alpha)),
+        f"alpha_times (alpha={config.alpha})": kept_counts(scores, config.merged(visual_pruning="alpha_times")),
+        f"topk (k={same_count})": kept_counts(scores, config.merged(visual_pruning="topk", visual_topk=same_count)),
         "none": torch.full_like(default_k, n),
     }
     return {

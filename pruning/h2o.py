@@ -25,7 +25,10 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from pruning.config import PruningConfig, PruningConfigError
 from pruning.kv_cache import KVEvictionCache, KVEvictionLayer
+from pruning.llm import KVCachePolicy, register_kv_method
+from pruning.registry import Param, at_least
 
 PREFIX = "kv_eviction_"
 
@@ -226,3 +229,53 @@ def _switch_backend(config: Any) -> None:
         AttentionInterface.register(name, _make_wrapper(current))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
     config._attn_implementation = name
+
+
+# ---- the registered method -------------------------------------------------------------------------------------
+HEAVY_RATIO = Param("heavy_ratio", float, 0.5, "heavy-hitter budget as a fraction of the prompt", check=at_least(0))
+RECENT_RATIO = Param("recent_ratio", float, 0.5, "recent-window budget as a fraction of the prompt", check=at_least(0))
+HEAVY_BUDGET = Param(
+    "heavy_budget", int, None, "absolute heavy-hitter budget (with --recent-budget)", check=at_least(0), optional=True
+)
+RECENT_BUDGET = Param("recent_budget", int, None, "absolute recent-window budget", check=at_least(0), optional=True)
+
+
+def _check_budgets(config: PruningConfig) -> None:
+    if (config.heavy_budget is None) != (config.recent_budget is None):
+        raise PruningConfigError(
+            "heavy_budget and recent_budget must be given together (absolute budgets: --heavy-budget, --recent-budget)"
+        )
+    if config.heavy_budget is None and config.heavy_ratio + config.recent_ratio <= 0:
+        raise PruningConfigError(
+            "kv_pruning='h2o' needs heavy_ratio + recent_ratio > 0 (--heavy-ratio, --recent-ratio)"
+        )
+    if config.heavy_budget == 0 and config.recent_budget == 0:
+        raise PruningConfigError(
+            "kv_pruning='h2o' with heavy_budget 0 and recent_budget 0 would evict every key; "
+            "give heavy_budget + recent_budget >= 1"
+        )
+
+
+def _budget_detail(config: PruningConfig) -> str:
+    if config.heavy_budget is not None:
+        return f"heavy={config.heavy_budget}, recent={config.recent_budget}"
+    return f"heavy={config.heavy_ratio}, recent={config.recent_ratio}"
+
+
+@register_kv_method(
+    "h2o",
+    params=(HEAVY_RATIO, RECENT_RATIO, HEAVY_BUDGET, RECENT_BUDGET),
+    description="The paper (stage 2): heavy-hitter KV eviction with H2O's generation semantics; per layer and KV "
+    "head, keep the recent window plus the keys with the largest accumulated attention.",
+    check=_check_budgets,
+    detail=_budget_detail,
+)
+class H2O(KVCachePolicy):
+    def prepare(self, model: nn.Module) -> None:
+        enable_kv_eviction(model)
+
+    def make_cache(self, attention_mask: torch.Tensor) -> KVEvictionCache:
+        return KVEvictionCache(self.config, attention_mask)
+
+    def budgets(self, cache: KVEvictionCache) -> list[int | None]:
+        return list(cache.budgets())

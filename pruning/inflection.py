@@ -85,15 +85,25 @@ def ceil_times(value: torch.Tensor | float, factor: float) -> torch.Tensor | int
     return math.ceil(value * factor - _CEIL_TOLERANCE)
 
 
-def keep_count(scores: torch.Tensor, alpha: float = 0.24, min_keep: int = 1) -> torch.Tensor:
-    """The paper's keep rule k = min(n, max(min_keep, ceil(i* / alpha))), int64 [...].
+def clamp_keep(keep: torch.Tensor | int, n: int, min_keep: int) -> torch.Tensor:
+    """min(n, max(min(min_keep, n), keep)) as int64: the bounds every keep rule obeys."""
+    return torch.as_tensor(keep, dtype=torch.long).clamp(min=min(min_keep, n), max=n)
+
+
+def longtail_keep(inflection: torch.Tensor, n: int, alpha: float, min_keep: int = 1) -> torch.Tensor:
+    """The paper's keep rule from i*: k = min(n, max(min_keep, ceil(i* / alpha))), int64 like ``inflection``.
 
     We read "i* multiplied by a smoothing coefficient alpha" as scaling by 1/alpha: it is the only reading that gives
-    the paper's token counts (docs/method.md). The literal reading is the ``alpha_times`` strategy.
+    the paper's token counts (docs/method.md). The literal reading is the ``alpha_times`` rule. This is the one
+    implementation: the ``longtail`` rule (pruning.strategies) and ``keep_count`` both call it.
     """
+    return clamp_keep(ceil_div_alpha(inflection, alpha), n, min_keep).to(inflection.device)
+
+
+def keep_count(scores: torch.Tensor, alpha: float = 0.24, min_keep: int = 1) -> torch.Tensor:
+    """``longtail_keep`` straight from unsorted scores [..., n]: int64 [...]."""
     if not (0 < alpha <= 1):
         raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
     if min_keep < 1:
         raise ValueError(f"min_keep must be >= 1, got {min_keep!r}")
-    n = scores.shape[-1]
-    return ceil_div_alpha(inflection_point(scores), alpha).clamp(min=min(min_keep, n), max=n)
+    return longtail_keep(inflection_point(scores), scores.shape[-1], alpha, min_keep)

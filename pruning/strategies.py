@@ -1,19 +1,62 @@
-"""Stage 1 keep rules, one registry: a rule is one function plus one name.
+"""Vision-side methods, the simple case: CLS-score keep rules (stage 1 of the paper and its fixed baselines).
 
-Every rule sees the CLS-similarity scores of a batch [B, n] and the ``PruningConfig``; it decides how many patches
-each sample keeps (1 <= k <= n) and by which ranking they are chosen (the scores themselves, except for ``random``).
-i* is computed from the CLS scores for every rule, so token accounting can log it whichever rule is active.
+A keep rule is one function plus one name, registered with ``register_keep_rule``: it sees the CLS-similarity
+scores of a batch [B, n] (at ``--visual-layer``) and the config, and decides how many patches each sample keeps and
+by which ranking they are chosen. ``keep_rule_reducer`` turns it into a vision-side method (pruning/visual.py):
+score, rank, keep the best k in raster order from the select-layer features, or ('inside' mode) run the later
+tower layers on the kept tokens only. i* is computed from the CLS scores for every rule, so token accounting can
+log it whichever rule is active. Every rule reads the flags of ``KEEP_RULE_PARAMS``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from pruning.config import PruningConfig
-from pruning.inflection import ceil_div_alpha, ceil_times, check_scores, inflection_point
+from pruning import registry
+from pruning.config import PruningConfig, PruningConfigError
+from pruning.inflection import ceil_times, check_scores, clamp_keep, inflection_point, longtail_keep
+from pruning.registry import Param, at_least, in_range
+from pruning.scoring import SCORE_MODES, cls_patch_scores
+from pruning.visual import (
+    ReducedPatches,
+    VisionContext,
+    gather_patches,
+    key_padding_mask,
+    raster_order_indices,
+)
+
+VISUAL_MODES = ("select", "inside")
+CROP_BUDGETS = ("per_crop", "global")
+
+# read by every keep rule
+VISUAL_LAYER = Param("visual_layer", int, 16, "CLIP layer whose CLS row scores the patches", check=at_least(0))
+VISUAL_MIN_KEEP = Param("visual_min_keep", int, 1, "never keep fewer patches than this", check=at_least(1))
+VISUAL_SCORE = Param(
+    "visual_score", str, "full", "full-width score (paper eq. 1) or the mean of per-head softmax", choices=SCORE_MODES
+)
+VISUAL_MODE = Param(
+    "visual_mode", str, "select", "'inside' runs the later tower layers on the kept tokens only", choices=VISUAL_MODES
+)
+CROP_BUDGET = Param(
+    "crop_budget",
+    str,
+    "per_crop",
+    "LLaVA-1.6: a budget per crop, or pooled over an image's crops",
+    choices=CROP_BUDGETS,
+)
+KEEP_RULE_PARAMS = (VISUAL_LAYER, VISUAL_MIN_KEEP, VISUAL_SCORE, VISUAL_MODE, CROP_BUDGET)
+# read by some
+ALPHA = Param(
+    "alpha", float, 0.24, "smoothing coefficient: keep k = ceil(i*/alpha)", check=in_range(0, 1, low_open=True)
+)
+VISUAL_TOPK = Param("visual_topk", int, None, "kept patches per image (crop)", check=at_least(1), optional=True)
+VISUAL_RATIO = Param(
+    "visual_ratio", float, None, "kept fraction of the patches", check=in_range(0, 1, low_open=True), optional=True
+)
+SEED = Param("seed", int, 0, "seed of the random patterns", flag="")
 
 
 @dataclass(frozen=True)
@@ -25,31 +68,57 @@ class KeepDecision:
 
 
 # (scores [B, n] fp32, inflection [B] int64, config, generator) -> KeepDecision
-KeepRule = Callable[[torch.Tensor, torch.Tensor, PruningConfig, torch.Generator | None], KeepDecision]
-
-_RULES: dict[str, KeepRule] = {}
+KeepRule = Callable[[torch.Tensor, torch.Tensor, PruningConfig, "torch.Generator | None"], KeepDecision]
 
 
-def register_strategy(name: str) -> Callable[[KeepRule], KeepRule]:
-    """Register a keep rule under ``name`` (also add the name to ``pruning.config.VISUAL_STRATEGIES``)."""
+class KeepRuleReducer:
+    """A keep rule as a vision-side method; the rule itself stays reachable for ``apply_strategy``."""
+
+    def __init__(self, rule: KeepRule):
+        self.rule = rule
+
+    def __call__(self, context: VisionContext) -> ReducedPatches:
+        return keep_rule_reducer(context, self.rule)
+
+
+def register_keep_rule(
+    name: str,
+    *,
+    params: Sequence[Param] = (),
+    description: str,
+    check: Callable[[PruningConfig], None] | None = None,
+    detail: Callable[[PruningConfig], str] | None = None,
+) -> Callable[[KeepRule], KeepRule]:
+    """Register ``rule`` as ``--visual-pruning NAME``; it also reads ``KEEP_RULE_PARAMS``."""
 
     def add(rule: KeepRule) -> KeepRule:
-        if name in _RULES:
-            raise ValueError(f"visual pruning strategy {name!r} is registered twice")
-        _RULES[name] = rule
+        registry.register(
+            "visual_pruning",
+            name,
+            KeepRuleReducer(rule),
+            params=(*params, *KEEP_RULE_PARAMS),
+            description=description,
+            check=check,
+            detail=lambda config: ", ".join([*([detail(config)] if detail else []), f"layer {config.visual_layer}"]),
+        )
         return rule
 
     return add
 
 
-def strategy_names() -> tuple[str, ...]:
-    return tuple(_RULES)
+def keep_rule_names() -> tuple[str, ...]:
+    return tuple(m.name for m in registry.methods("visual_pruning") if isinstance(m.implementation, KeepRuleReducer))
 
 
-def get_strategy(name: str) -> KeepRule:
-    if name not in _RULES:
-        raise ValueError(f"unknown visual pruning strategy {name!r}; registered: {', '.join(_RULES)}")
-    return _RULES[name]
+def is_keep_rule(name: str) -> bool:
+    return isinstance(registry.get("visual_pruning", name).implementation, KeepRuleReducer)
+
+
+def get_keep_rule(name: str) -> KeepRule:
+    implementation = registry.get("visual_pruning", name).implementation
+    if not isinstance(implementation, KeepRuleReducer):
+        raise ValueError(f"visual_pruning {name!r} is not a CLS-score keep rule; keep rules: {keep_rule_names()}")
+    return implementation.rule
 
 
 @dataclass(frozen=True)
@@ -64,17 +133,23 @@ class StrategyResult:
 def apply_strategy(
     scores: torch.Tensor, config: PruningConfig, generator: torch.Generator | None = None
 ) -> StrategyResult:
-    """Run the configured rule on scores [B, n] and enforce 1 <= k <= n whatever the rule returned.
+    """Run the configured keep rule on scores [B, n] and enforce 1 <= k <= n whatever the rule returned.
 
     ``generator`` only matters for ``random``: pass one that lives across batches to draw a fresh pattern per batch;
     without it each call reseeds from ``config.seed`` and repeats the same pattern.
     """
+    return _run_rule(get_keep_rule(config.visual_pruning), scores, config, generator)
+
+
+def _run_rule(
+    rule: KeepRule, scores: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
+) -> StrategyResult:
     check_scores(scores)
     if scores.dim() != 2:
         raise ValueError(f"scores must have shape [batch, n], got {tuple(scores.shape)}")
     scores = scores.detach().float()
     inflection = inflection_point(scores)
-    decision = get_strategy(config.visual_pruning)(scores, inflection, config, generator)
+    decision = rule(scores, inflection, config, generator)
     n = scores.shape[-1]
     keep = decision.keep.to(device=scores.device, dtype=torch.long).expand(scores.shape[0]).clamp(min=1, max=n)
     if decision.ranking.shape != scores.shape:
@@ -85,11 +160,48 @@ def apply_strategy(
     return StrategyResult(keep=keep, ranking=decision.ranking, inflection=inflection)
 
 
+def keep_rule_reducer(context: VisionContext, rule: KeepRule) -> ReducedPatches:
+    """Score the patches at visual_layer, let the rule decide, keep the best k in raster order.
+
+    "select" mode gathers them from the select-layer features (the tower is untouched). "inside" mode cuts
+    hidden_states[visual_layer] to CLS + the kept patches (padded to the longest sample, padded keys masked out) and
+    runs encoder.layers[visual_layer:select] on those only, which cuts tower compute.
+    """
+    config = context.config
+    _check_visual_layer(config, len(context.layers), context.select_index)
+    hidden = context.hidden_states(config.visual_layer)  # [B, 1+n, D]
+    scores = cls_patch_scores(context.layers[config.visual_layer], hidden, mode=config.visual_score)  # [B, n]
+    decision = _run_rule(rule, scores, config, context.generator)
+    indices, mask = raster_order_indices(decision.ranking, decision.keep)  # [B, k_max]
+    if config.visual_mode == "inside":
+        tokens = torch.cat([hidden[:, :1], gather_patches(hidden[:, 1:], indices, mask)], dim=1)  # [B, 1+k_max, D]
+        tokens = context.run_layers(
+            tokens, config.visual_layer, context.select_index, key_padding_mask(mask, tokens.dtype)
+        )
+        return ReducedPatches(tokens[:, 1:], mask, indices, tokens[:, :1], decision.inflection, scores)
+    patches = gather_patches(context.features()[:, 1:], indices, mask)
+    return ReducedPatches(patches, mask, indices, None, decision.inflection, scores)
+
+
+def _check_visual_layer(config: PruningConfig, num_layers: int, select_index: int) -> None:
+    if config.visual_layer >= num_layers:
+        raise ValueError(
+            f"visual_layer {config.visual_layer} needs encoder.layers[{config.visual_layer}], "
+            f"but the vision tower has {num_layers} layers (valid: 0..{num_layers - 1})"
+        )
+    if config.visual_mode == "inside" and config.visual_layer > select_index:
+        raise ValueError(
+            f"visual_mode 'inside' prunes at hidden_states[{config.visual_layer}], after the select layer "
+            f"hidden_states[{select_index}]; use a visual_layer <= {select_index} or visual_mode 'select'"
+        )
+
+
+# ---- the rules -------------------------------------------------------------------------------------------------------
 def _clamp(keep: torch.Tensor | int, scores: torch.Tensor, config: PruningConfig) -> torch.Tensor:
     """min(n, max(min_keep, keep)) as int64 [B]."""
     batch, n = scores.shape
     keep = torch.as_tensor(keep, dtype=torch.long, device=scores.device).expand(batch)
-    return keep.clamp(min=min(config.visual_min_keep, n), max=n)
+    return clamp_keep(keep, n, config.visual_min_keep)
 
 
 def _fixed_count(scores: torch.Tensor, config: PruningConfig) -> int:
@@ -102,59 +214,96 @@ def _fixed_count(scores: torch.Tensor, config: PruningConfig) -> int:
     return config.visual_topk
 
 
-@register_strategy("longtail")
+def _needs_topk(config: PruningConfig) -> None:
+    if config.visual_topk is None:
+        raise PruningConfigError(f"visual_pruning='topk' needs visual_topk >= 1 (--visual-topk), got {None!r}")
+
+
+def _needs_a_count(config: PruningConfig) -> None:
+    if config.visual_ratio is None and config.visual_topk is None:
+        raise PruningConfigError(
+            f"visual_pruning={config.visual_pruning!r} needs visual_ratio (--visual-ratio) or visual_topk (--visual-topk)"
+        )
+
+
+def _count_detail(config: PruningConfig) -> str:
+    return f"ratio={config.visual_ratio}" if config.visual_ratio is not None else f"k={config.visual_topk}"
+
+
+@register_keep_rule(
+    "longtail",
+    params=(ALPHA,),
+    description="The paper (stage 1): keep k = min(n, max(min_keep, ceil(i*/alpha))) patches by CLS score, i* the "
+    "inflection point of the sorted CLS-similarity curve.",
+    detail=lambda config: f"alpha={config.alpha}",
+)
 def longtail(
     scores: torch.Tensor, inflection: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
 ) -> KeepDecision:
-    """The paper: k = min(n, max(min_keep, ceil(i* / alpha))); a flat curve (i* = n) keeps all n."""
-    return KeepDecision(_clamp(ceil_div_alpha(inflection, config.alpha), scores, config), scores)
+    """A flat curve (i* = n) keeps all n."""
+    return KeepDecision(longtail_keep(inflection, scores.shape[-1], config.alpha, config.visual_min_keep), scores)
 
 
-@register_strategy("alpha_times")
+@register_keep_rule(
+    "topk",
+    params=(VISUAL_TOPK,),
+    description="Fixed budget (paper Table 1): the visual_topk patches with the highest CLS score.",
+    check=_needs_topk,
+    detail=lambda config: f"k={config.visual_topk}",
+)
+def topk(
+    scores: torch.Tensor, inflection: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
+) -> KeepDecision:
+    return KeepDecision(_clamp(config.visual_topk, scores, config), scores)
+
+
+@register_keep_rule(
+    "ratio",
+    params=(VISUAL_RATIO, VISUAL_TOPK),
+    description="Fixed fraction (paper Tables 7-8): ceil(visual_ratio * n) patches by CLS score (or visual_topk).",
+    check=_needs_a_count,
+    detail=lambda config: f"ratio={config.visual_ratio}",
+)
+def ratio(
+    scores: torch.Tensor, inflection: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
+) -> KeepDecision:
+    return KeepDecision(_clamp(_fixed_count(scores, config), scores, config), scores)
+
+
+@register_keep_rule(
+    "alpha_times",
+    params=(ALPHA,),
+    description="Literal reading of the paper, for ablations: k = ceil(alpha * i*); a flat curve keeps all n.",
+    detail=lambda config: f"alpha={config.alpha}",
+)
 def alpha_times(
     scores: torch.Tensor, inflection: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
 ) -> KeepDecision:
-    """Literal reading k = ceil(alpha * i*), for ablations; a flat curve still keeps all n (it has no tail)."""
     n = scores.shape[-1]
     keep = torch.where(inflection == n, n, ceil_times(inflection, config.alpha))
     return KeepDecision(_clamp(keep, scores, config), scores)
 
 
-@register_strategy("topk")
-def topk(
-    scores: torch.Tensor, inflection: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
-) -> KeepDecision:
-    """Fixed budget (paper Table 1): the visual_topk highest-scoring patches."""
-    if config.visual_topk is None:
-        raise ValueError("visual_pruning='topk' needs visual_topk")
-    return KeepDecision(_clamp(config.visual_topk, scores, config), scores)
-
-
-@register_strategy("ratio")
-def ratio(
-    scores: torch.Tensor, inflection: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
-) -> KeepDecision:
-    """Fixed fraction (paper Tables 7-8): ceil(visual_ratio * n) highest-scoring patches."""
-    return KeepDecision(_clamp(_fixed_count(scores, config), scores, config), scores)
-
-
-@register_strategy("random")
+@register_keep_rule(
+    "random",
+    params=(VISUAL_RATIO, VISUAL_TOPK, SEED),
+    description="Same count as ratio (or topk), patches drawn uniformly from a seeded generator.",
+    check=_needs_a_count,
+    detail=_count_detail,
+)
 def random_patches(
     scores: torch.Tensor, inflection: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
 ) -> KeepDecision:
-    """Same count as ``ratio`` (or ``topk``), patches drawn uniformly: the ranking is noise, not the scores.
-
-    The noise is drawn on the CPU from a seeded generator, so a seed gives the same patches on every device.
-    """
+    """The ranking is noise, not the scores. The noise is drawn on the CPU from a seeded generator, so a seed gives
+    the same patches on every device."""
     if generator is None:
         generator = torch.Generator().manual_seed(config.seed)
     noise = torch.rand(scores.shape, generator=generator, device=generator.device, dtype=torch.float32)
     return KeepDecision(_clamp(_fixed_count(scores, config), scores, config), noise.to(scores.device))
 
 
-@register_strategy("none")
+@register_keep_rule("none", description="No pruning: every patch (i* is still computed and logged).")
 def keep_all(
     scores: torch.Tensor, inflection: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
 ) -> KeepDecision:
-    """No pruning: k = n."""
     return KeepDecision(_clamp(scores.shape[-1], scores, config), scores)

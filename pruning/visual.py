@@ -1,48 +1,147 @@
-"""Stage 1 in the vision tower: run CLIP layer by layer, score the patches at ``visual_layer``, keep the head.
+"""The vision-side family: methods that decide which visual features reach the projector.
+
+A vision-side method is a function ``reduce(context: VisionContext) -> ReducedPatches`` registered with
+``register_vision_method``. The context runs the CLIP tower lazily, so a method reads what it needs and the tower
+runs only as far as that: ``hidden_states(i)`` (any layer, e.g. to score or to match keys), ``features()`` (what
+LLaVA feeds the projector, hidden_states[select_layer]), ``run_layers`` (to act inside the tower, as ToMe or the
+'inside' mode do), the patch grid, the generator of random methods and, when the caller passes it, the question.
+The method returns the patches to keep or merged patch features, per image, with the grid position each output
+token is laid out at; ``select_visual_tokens`` checks the result and adds CLS when the checkpoint asks for it.
+Today's CLS-score keep rules (pruning/strategies.py) are the simple case on top of this contract.
 
 Layer convention (HF indexing): hidden_states[0] is the pre-layer-normed embedding, hidden_states[i] the output of
-encoder.layers[i-1]. The scores come from encoder.layers[visual_layer]'s projections applied to its input
-hidden_states[visual_layer]; the features come from hidden_states[select_layer] (-2 for LLaVA-1.5). Only the layers up
-to the later of the two are run; upstream ran all 24 and threw the last one away.
-
-Modes:
-- "select" (default): the tower is untouched; the kept patches are gathered from hidden_states[select_layer].
-- "inside": from hidden_states[visual_layer] on, encoder.layers[visual_layer:select] run on CLS + kept tokens only
-  (padded to the longest sample, padded keys masked out), which cuts tower compute. Needs an attention implementation
-  that takes an additive 4D mask (sdpa, eager) whenever samples keep different counts.
+encoder.layers[i-1]. Only the layers some method asked for are run; upstream ran all 24 and threw the last one away.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from pruning import registry
 from pruning.config import PruningConfig
-from pruning.scoring import cls_patch_scores
-from pruning.strategies import apply_strategy
+from pruning.registry import Param
 
 SELECT_FEATURES = ("patch", "cls_patch")
+
+
+@dataclass
+class ReducedPatches:
+    """What a vision-side method returns for a batch of B images; rows are padded at the end.
+
+    ``features`` [B, t, C]: kept (or merged) patch features, CLS excluded, zero on padding. ``mask`` [B, t]: True on
+    real tokens, a prefix of every row; its row sums are the per-image counts. ``indices`` [B, t]: the patch (0..n-1)
+    each token is laid out at on the grid (merged tokens: a representative patch), -1 on padding; LLaVA-1.6 places
+    tokens on the image grid by it. Optional: ``cls`` [B, 1, C] when the method changed CLS (else CLS is taken from
+    the select layer), ``inflection`` [B] (i* when the method computes one) and ``scores`` [B, n] (what ranked the
+    patches), which token accounting and the figures read.
+    """
+
+    features: torch.Tensor
+    mask: torch.Tensor
+    indices: torch.Tensor
+    cls: torch.Tensor | None = None
+    inflection: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
 
 @dataclass
 class VisualSelection:
     """Kept visual tokens of a batch, one row per image, padded at the end.
 
-    ``features`` [B, t, C] and ``mask`` [B, t] cover the output tokens: the kept patches in raster order
-    (t = k_max), preceded by CLS when select_feature is "cls_patch" (t = 1 + k_max). ``indices`` [B, k_max] are the
-    kept patch indices (0..n-1, raster order), -1 on padding. ``n``, ``inflection`` and ``kept`` are [B] int64;
-    ``scores`` [B, n] fp32 are the CLS scores at visual_layer (what i* was computed from).
+    ``features`` [B, t, C] and ``mask`` [B, t] cover the output tokens: the kept patches (t = k_max), preceded by CLS
+    when select_feature is "cls_patch" (t = 1 + k_max). ``indices`` [B, k_max] are the kept patch indices (0..n-1),
+    -1 on padding. ``n`` and ``kept`` are [B] int64; ``inflection`` [B] int64 and ``scores`` [B, n] fp32 are what
+    the method reported (None when it computes no i* / no scores).
     """
 
     features: torch.Tensor
     mask: torch.Tensor
     indices: torch.Tensor
     n: torch.Tensor
-    inflection: torch.Tensor
+    inflection: torch.Tensor | None
     kept: torch.Tensor
-    scores: torch.Tensor
+    scores: torch.Tensor | None
+
+
+@dataclass
+class VisionContext:
+    """One batch of images in the tower, for a vision-side method. Hidden states are computed on first use."""
+
+    tower: nn.Module  # the CLIP vision transformer: embeddings, pre_layrnorm, encoder.layers
+    pixel_values: torch.Tensor  # [B, 3, H, W]
+    config: PruningConfig
+    select_index: int  # hidden_states index of the features LLaVA feeds the projector (0..num_layers)
+    generator: torch.Generator | None = None  # held by the caller across batches, for methods that draw
+    text: Sequence[str] | None = None  # the question per image, when the caller passes it (None otherwise)
+    _states: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.tower.encoder.layers
+
+    @property
+    def num_patches(self) -> int:
+        return self.hidden_states(0).shape[1] - 1
+
+    @property
+    def grid_side(self) -> int:
+        """Patches per side of the square patch grid (patch j sits at row j // side, column j % side)."""
+        config = self.tower.config
+        return config.image_size // config.patch_size
+
+    def hidden_states(self, index: int) -> torch.Tensor:
+        """hidden_states[index], [B, 1 + n, D] with CLS first; runs only the layers not yet run.
+
+        The select layer's output is kept whenever the tower passes it, so ``features()`` never reruns the tower.
+        """
+        if not 0 <= index <= len(self.layers):
+            raise ValueError(f"hidden_states[{index}] does not exist in a tower with {len(self.layers)} layers")
+        if 0 not in self._states:
+            self._states[0] = self.tower.pre_layrnorm(self.tower.embeddings(self.pixel_values))
+        start = max(i for i in self._states if i <= index)
+        hidden = self._states[start]
+        for position, layer in enumerate(self.layers[start:index], start=start + 1):
+            hidden = layer(hidden, None)
+            if position == self.select_index:
+                self._states[position] = hidden
+        self._states[index] = hidden
+        return hidden
+
+    def features(self) -> torch.Tensor:
+        """The select layer's tokens [B, 1 + n, C], CLS first: what LLaVA projects with nothing pruned."""
+        return self.hidden_states(self.select_index)
+
+    def run_layers(
+        self, tokens: torch.Tensor, start: int, stop: int, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """encoder.layers[start:stop] on any token set [B, t, D] (e.g. CLS + kept patches), with an optional
+        additive [B, 1, t, t] mask; see ``key_padding_mask`` for rows of different lengths."""
+        if attention_mask is not None:
+            check_mask_support(self.layers[start], attention_mask)
+        for layer in self.layers[start:stop]:
+            tokens = layer(tokens, attention_mask)
+        return tokens
+
+
+VisionReducer = Callable[[VisionContext], ReducedPatches]
+
+
+def register_vision_method(
+    name: str,
+    *,
+    params: Sequence[Param] = (),
+    description: str,
+    check: Callable[[PruningConfig], None] | None = None,
+    detail: Callable[[PruningConfig], str] | None = None,
+) -> Callable[[VisionReducer], VisionReducer]:
+    """Decorator: register ``reduce(context) -> ReducedPatches`` as ``--visual-pruning NAME``."""
+    return registry.method_decorator(
+        "visual_pruning", name, params=params, description=description, check=check, detail=detail
+    )
 
 
 def select_visual_tokens(
@@ -52,62 +151,68 @@ def select_visual_tokens(
     select_layer: int = -2,
     select_feature: str = "patch",
     generator: torch.Generator | None = None,
+    text: Sequence[str] | None = None,
 ) -> VisualSelection:
-    """Run the CLIP vision tower on pixel_values [B, 3, H, W] with stage 1 pruning as configured.
+    """Run the CLIP vision tower on pixel_values [B, 3, H, W] with the configured vision-side method.
 
     ``vision_model`` is duck-typed: transformers' ``CLIPVisionModel`` (5.x: embeddings, pre_layrnorm, encoder.layers
-    on the model itself) or anything with a ``.vision_model`` that has them. ``generator`` only feeds the ``random``
-    rule (see ``pruning.strategies.apply_strategy``). Gradients flow into the kept features (a gather); wrap the call
-    in ``torch.no_grad()`` for a frozen tower.
+    on the model itself) or anything with a ``.vision_model`` that has them. ``generator`` feeds methods that draw
+    (see ``pruning.strategies.apply_strategy``). Gradients flow into the kept features (a gather); wrap the call in
+    ``torch.no_grad()`` for a frozen tower.
     """
     if select_feature not in SELECT_FEATURES:
         raise ValueError(f"unknown select_feature {select_feature!r}; choose one of {', '.join(SELECT_FEATURES)}")
     tower = getattr(vision_model, "vision_model", vision_model)
-    layers = tower.encoder.layers
-    select_index = _resolve_select_layer(select_layer, len(layers))
-    _check_visual_layer(config, len(layers), select_index)
+    select_index = resolve_select_layer(select_layer, len(tower.encoder.layers))
+    context = VisionContext(tower, pixel_values, config, select_index, generator, text)
+    method = config.method("visual_pruning")
+    reduced = method.implementation(context)
+    kept = _check_reduced(reduced, method.name, pixel_values.shape[0], context.num_patches)
 
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # hidden_states[0], [B, 1+n, D]
-    selected = hidden  # hidden_states[select_index] once reached
-    for index, layer in enumerate(layers[: config.visual_layer], start=1):
-        hidden = layer(hidden, None)
-        if index == select_index:
-            selected = hidden
-    scores = cls_patch_scores(layers[config.visual_layer], hidden, mode=config.visual_score)  # [B, n]
-    decision = apply_strategy(scores, config, generator=generator)
-    indices, mask = raster_order_indices(decision.ranking, decision.keep)  # [B, k_max]
-
-    if config.visual_mode == "inside":
-        tokens = torch.cat([hidden[:, :1], _gather_patches(hidden[:, 1:], indices, mask)], dim=1)  # [B, 1+k_max, D]
-        attention_mask = _key_padding_mask(mask, tokens.dtype)
-        _check_mask_support(layers[config.visual_layer], attention_mask)
-        for layer in layers[config.visual_layer : select_index]:
-            tokens = layer(tokens, attention_mask)
-        cls, patches = tokens[:, :1], _zero_padding(tokens[:, 1:], mask)
-    else:
-        if select_index >= config.visual_layer:
-            for layer in layers[config.visual_layer : select_index]:
-                hidden = layer(hidden, None)
-            selected = hidden
-        cls, patches = selected[:, :1], _gather_patches(selected[:, 1:], indices, mask)
-
+    patches = _zero_padding(reduced.features, reduced.mask)
     if select_feature == "cls_patch":
+        cls = reduced.cls if reduced.cls is not None else context.features()[:, :1]
         features = torch.cat([cls, patches], dim=1)
-        mask_out = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        mask = torch.cat([torch.ones_like(reduced.mask[:, :1]), reduced.mask], dim=1)
     else:
-        features, mask_out = patches, mask
-    batch, n = scores.shape
+        features, mask = patches, reduced.mask
+    batch = pixel_values.shape[0]
     return VisualSelection(
         features=features,
-        mask=mask_out,
-        indices=indices,
-        n=torch.full((batch,), n, dtype=torch.long, device=scores.device),
-        inflection=decision.inflection,
-        kept=decision.keep,
-        scores=scores,
+        mask=mask,
+        indices=reduced.indices,
+        n=torch.full((batch,), context.num_patches, dtype=torch.long, device=kept.device),
+        inflection=reduced.inflection,
+        kept=kept,
+        scores=reduced.scores,
     )
 
 
+def _check_reduced(reduced: ReducedPatches, name: str, batch: int, n: int) -> torch.Tensor:
+    """The per-image counts [B] int64, after checking the shapes and invariants a method must keep."""
+    where = f"visual_pruning {name!r}"
+    if not isinstance(reduced, ReducedPatches):
+        raise TypeError(f"{where} must return ReducedPatches, got {type(reduced).__name__}")
+    t = reduced.mask.shape[-1] if reduced.mask.dim() == 2 else -1
+    if reduced.features.dim() != 3 or reduced.features.shape[:2] != (batch, t) or reduced.mask.shape[0] != batch:
+        raise ValueError(
+            f"{where} returned features {tuple(reduced.features.shape)} and mask {tuple(reduced.mask.shape)}; "
+            f"expected [{batch}, t, C] and [{batch}, t]"
+        )
+    if reduced.indices.shape != reduced.mask.shape:
+        raise ValueError(
+            f"{where} returned indices {tuple(reduced.indices.shape)}, expected {tuple(reduced.mask.shape)}"
+        )
+    kept = reduced.mask.sum(dim=1).long()
+    prefix = torch.arange(t, device=kept.device)[None, :] < kept[:, None]
+    if not torch.equal(prefix, reduced.mask.bool()):
+        raise ValueError(f"{where} returned a mask that is not a prefix of each row (pad at the end)")
+    if bool((kept < 1).any()) or bool((kept > n).any()):
+        raise ValueError(f"{where} kept {kept.tolist()} tokens; every image keeps between 1 and n = {n}")
+    return kept
+
+
+# ---- helpers for methods ----------------------------------------------------------------------------------------------
 def raster_order_indices(ranking: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``keep[b]`` best-ranked patch indices of each row, in raster order: (indices [B, k_max] with -1 padding,
     mask [B, k_max]). Equal ranks go to the earlier patch, so the choice is deterministic."""
@@ -123,7 +228,7 @@ def raster_order_indices(ranking: torch.Tensor, keep: torch.Tensor) -> tuple[tor
     return indices, mask
 
 
-def _gather_patches(patches: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def gather_patches(patches: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """patches [B, n, D] -> [B, k_max, D] at ``indices``, zeros on padding."""
     gathered = torch.gather(patches, 1, indices.clamp(min=0).unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     return _zero_padding(gathered, mask)
@@ -133,8 +238,9 @@ def _zero_padding(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.unsqueeze(-1), tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
 
 
-def _key_padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive [B, 1, 1+k_max, 1+k_max] mask hiding padded keys; None when no sample is padded."""
+def key_padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive [B, 1, 1+k_max, 1+k_max] mask hiding the padded keys of CLS + kept rows; None when no row is
+    padded."""
     if bool(mask.all()):
         return None
     keys = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # CLS is always a key
@@ -143,7 +249,7 @@ def _key_padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | 
     return blocked[:, None, None, :].expand(-1, 1, length, length)
 
 
-def _check_mask_support(layer: nn.Module, attention_mask: torch.Tensor | None) -> None:
+def check_mask_support(layer: nn.Module, attention_mask: torch.Tensor | None) -> None:
     """Flash-style kernels take no additive 4D mask; padded keys would silently be attended to."""
     implementation = getattr(getattr(layer.self_attn, "config", None), "_attn_implementation", None) or "eager"
     if attention_mask is not None and implementation not in ("eager", "sdpa"):
@@ -153,7 +259,7 @@ def _check_mask_support(layer: nn.Module, attention_mask: torch.Tensor | None) -
         )
 
 
-def _resolve_select_layer(select_layer: int, num_layers: int) -> int:
+def resolve_select_layer(select_layer: int, num_layers: int) -> int:
     """hidden_states index in 0..num_layers (-2 -> num_layers - 1, as upstream's hidden_states[-2])."""
     index = select_layer + num_layers + 1 if select_layer < 0 else select_layer
     if not 0 <= index <= num_layers:
@@ -162,16 +268,3 @@ def _resolve_select_layer(select_layer: int, num_layers: int) -> int:
             f"(hidden_states has {num_layers + 1} entries)"
         )
     return index
-
-
-def _check_visual_layer(config: PruningConfig, num_layers: int, select_index: int) -> None:
-    if config.visual_layer >= num_layers:
-        raise ValueError(
-            f"visual_layer {config.visual_layer} needs encoder.layers[{config.visual_layer}], "
-            f"but the vision tower has {num_layers} layers (valid: 0..{num_layers - 1})"
-        )
-    if config.visual_mode == "inside" and config.visual_layer > select_index:
-        raise ValueError(
-            f"visual_mode 'inside' prunes at hidden_states[{config.visual_layer}], after the select layer "
-            f"hidden_states[{select_index}]; use a visual_layer <= {select_index} or visual_mode 'select'"
-        )

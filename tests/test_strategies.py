@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from pruning import strategies
-from pruning.config import VISUAL_STRATEGIES, PruningConfig
+from pruning import registry
+from pruning.config import PruningConfig, PruningConfigError
 from pruning.inflection import inflection_point
-from pruning.strategies import KeepDecision, apply_strategy, get_strategy, register_strategy, strategy_names
+from pruning.strategies import KeepDecision, apply_strategy, get_keep_rule, keep_rule_names, register_keep_rule
 
 CONFIGS = [
     PruningConfig(visual_pruning="longtail"),
@@ -29,22 +29,31 @@ def long_tail_batch(batch: int, n: int, seed: int) -> torch.Tensor:
 
 
 def test_registry_holds_exactly_the_configurable_names() -> None:
-    assert set(strategy_names()) == set(VISUAL_STRATEGIES)
-    with pytest.raises(ValueError, match="unknown visual pruning strategy 'bogus'"):
-        get_strategy("bogus")
+    builtin = {"longtail", "topk", "ratio", "alpha_times", "random", "none"}
+    assert builtin <= set(keep_rule_names()) <= set(registry.names("visual_pruning"))
+    for name in keep_rule_names():
+        assert PruningConfig(visual_pruning=name, visual_topk=3).visual_pruning == name
+    with pytest.raises(PruningConfigError, match="unknown visual_pruning 'bogus'"):
+        get_keep_rule("bogus")
+    with pytest.raises(PruningConfigError, match="unknown visual_pruning 'bogus'"):
+        PruningConfig(visual_pruning="bogus")
     with pytest.raises(ValueError, match="registered twice"):
-        register_strategy("topk")(lambda scores, inflection, config, generator: None)
+        register_keep_rule("topk", description="again")(lambda scores, inflection, config, generator: None)
 
 
-def test_a_new_rule_is_one_function_and_one_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(strategies, "_RULES", dict(strategies._RULES))
-
-    @register_strategy("keep_two")
+def test_a_new_rule_is_one_function_and_one_name() -> None:
+    @register_keep_rule("keep_two", description="Two patches.")
     def keep_two(scores, inflection, config, generator):  # noqa: ANN001, ANN202
         return KeepDecision(torch.full((scores.shape[0],), 2), scores)
 
-    assert get_strategy("keep_two") is keep_two
-    assert "keep_two" in strategy_names()
+    try:
+        assert get_keep_rule("keep_two") is keep_two
+        assert "keep_two" in keep_rule_names()
+        result = apply_strategy(long_tail_batch(2, 9, seed=0), PruningConfig(visual_pruning="keep_two"))
+        assert result.keep.tolist() == [2, 2]
+    finally:
+        registry.unregister("visual_pruning", "keep_two")
+    assert "keep_two" not in keep_rule_names()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe())
