@@ -85,23 +85,23 @@ class Param:
             return None
         return self.flag or "--" + self.name.replace("_", "-")
 
-    @property
-    def label(self) -> str:
-        """How errors name the setting: the config key, and the flag when there is one."""
-        return f"{self.name} ({self.cli_flag})" if self.cli_flag else self.name
-
     def validate(self, value: Any) -> None:
+        """Raise ``PruningConfigError`` naming the key and its flag: "alpha must be in (0, 1], got 0.0 (--alpha)"."""
         if value is None:
             if self.optional:
                 return
-            raise PruningConfigError(f"{self.label} must be set, got None")
+            self._fail("must be set", value)
         if not _has_type(value, self.type):
-            raise PruningConfigError(f"{self.label} must be {_TYPE_WORDS[self.type]}, got {value!r}")
+            self._fail(f"must be {_TYPE_WORDS[self.type]}", value)
         if self.choices is not None and value not in self.choices:
-            raise PruningConfigError(f"{self.label} must be one of {', '.join(self.choices)}, got {value!r}")
+            self._fail(f"must be one of {', '.join(self.choices)}", value)
         problem = self.check(value) if self.check is not None else None
         if problem:
-            raise PruningConfigError(f"{self.label} {problem}, got {value!r}")
+            self._fail(problem, value)
+
+    def _fail(self, problem: str, value: Any) -> None:
+        flag = f" ({self.cli_flag})" if self.cli_flag else ""
+        raise PruningConfigError(f"{self.name} {problem}, got {value!r}{flag}")
 
     def describe_default(self) -> str:
         return "unset" if self.default is None else str(self.default)

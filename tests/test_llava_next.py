@@ -97,7 +97,7 @@ def test_logits_equal_transformers_llava_next(next_models, sized_images, llm):
         grids.add(get_anyres_image_grid_shape(image.size, model.config.image_grid_pinpoints, 112))
         with torch.no_grad():
             ours = model(torch.tensor([ids]), images=pixels, image_sizes=[image.size])
-            visual = model._last_token_stats[0]["visual_after"]
+            visual = ours.token_stats[0]["visual_after"]
             hf_ids = expand_image_tokens(ids, visual, vocab)
             theirs = hf(input_ids=hf_ids, pixel_values=pixels, image_sizes=torch.tensor([image.size[::-1]]))
         assert ours.logits.shape[1] == theirs.logits.shape[1] == len(ids) - 1 + visual

@@ -24,7 +24,7 @@ from torch import nn
 
 from llava.mm_utils import get_anyres_image_grid_shape
 from pruning import PruningConfig
-from pruning.strategies import apply_strategy
+from pruning.strategies import apply_strategy, is_keep_rule
 
 MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
 
@@ -40,7 +40,7 @@ class CropTokens:
     features: list[torch.Tensor]  # per crop [k_c, hidden], raster order
     indices: list[torch.Tensor]  # per crop [k_c] patch index 0..n-1
     n: int  # patches per crop
-    inflection: list[int]  # per crop i*
+    inflection: list[int | None]  # per crop i* (None when the vision-side method computes none)
 
 
 @dataclass
@@ -119,16 +119,23 @@ def select_crop_tokens(
         raise ValueError(f"got {len(candidates)} candidate masks for {crops.shape[0]} crops")
     pooled = pruning.crop_budget == "global"
     masked = any(c is not None for c in candidates)
-    if pruning.visual_enabled and (pooled or (masked and pruning.visual_mode == "select")):
+    by_scores = is_keep_rule(pruning.visual_pruning)
+    if pooled and pruning.visual_enabled and not by_scores:
+        raise AnyresInputError(
+            f"crop_budget 'global' pools the CLS-score ranking of a keep rule over an image's crops; visual_pruning "
+            f"{pruning.visual_pruning!r} is not a keep rule: use crop_budget 'per_crop'"
+        )
+    if pruning.visual_enabled and by_scores and (pooled or (masked and pruning.visual_mode == "select")):
         flat_features, flat_indices, kept, inflection = _select_by_scores(
             tower, crops, counts, pruning, candidates, pooled
         )
     else:
-        # nothing pruned, or per-crop pruning where no padding must be avoided (or 'inside' mode, which decides
-        # inside the tower and so cannot see the padding: its kept padding tokens are dropped by unpad)
+        # nothing pruned, or per-crop pruning where no padding must be avoided (or 'inside' mode, or a method that is
+        # not a keep rule, which decide inside the tower and so cannot see the padding: unpad drops what they keep of it)
         out = tower.select(crops, pruning)
         flat_features, flat_indices = out.features[out.mask], out.indices[out.mask]  # [sum k, C], [sum k]
-        kept, inflection = out.kept.tolist(), out.inflection.tolist()
+        kept = out.kept.tolist()
+        inflection = out.inflection.tolist() if out.inflection is not None else [None] * len(kept)
     projected = projector(flat_features)  # [sum k, hidden]
     features = list(torch.split(projected, kept))
     indices = list(torch.split(flat_indices, kept))

@@ -1,16 +1,18 @@
 """`generate` for LLaVA models: images in, new tokens out (as upstream), batch > 1 with left padding, and the
-per-sample token statistics the paper reports."""
+per-sample token statistics the paper reports. The configured LLM-side methods (pruning/llm.py) run here: the
+``--kv-pruning`` policy's cache and the ``--llm-pruning`` dropper's hooks on the decoder layers."""
 
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from llava.constants import IMAGE_TOKEN_INDEX
-from pruning import KVEvictionCache, PruningConfig, enable_kv_eviction
+from pruning import PruningConfig, drop_tokens
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -20,9 +22,9 @@ class PromptTruncatedWarning(UserWarning):
 @dataclass
 class LlavaGenerateOutput:
     sequences: torch.Tensor  # [B, G] new tokens only (finished samples padded with pad_token_id)
-    token_stats: list[
-        dict[str, Any]
-    ]  # per sample: visual_before, visual_after, inflection, prompt, generated, kv_final
+    # per row: visual_before, visual_after, inflection, prompt, generated, kv_final (+ visual_per_layer with
+    # --llm-pruning)
+    token_stats: list[dict[str, Any]]
     raw: Any = None  # what transformers' generate returned (a ModelOutput when return_dict_in_generate=True)
 
 
@@ -105,33 +107,56 @@ class LlavaGenerationMixin:
         merged = self.merge_multimodal(inputs, attention_mask, None, images, image_sizes, "left", pruning)
         limit = getattr(self.config, "tokenizer_model_max_length", None)
         warn_truncated_prompts(inputs, attention_mask, merged.token_stats, limit)
-        cache = None
+        repeats = generation_setting(kwargs, self.generation_config, "num_return_sequences", 1)
+        policy = dropper = None
         if pruning.kv_enabled:
+            policy = pruning.method("kv_pruning").implementation(pruning)
             num_beams = generation_setting(kwargs, self.generation_config, "num_beams", 1)
-            if num_beams > 1:
+            if num_beams > 1 and not policy.supports_beam_search:
                 source = "num_beams" if kwargs.get("num_beams") is not None else "generation_config.num_beams"
                 raise ValueError(
-                    f"beam search is not supported with KV eviction (--kv-pruning h2o): {source} is {num_beams}; "
-                    "use num_beams=1"
+                    f"beam search is not supported with KV eviction (--kv-pruning {pruning.kv_pruning}): {source} is "
+                    f"{num_beams}; use num_beams=1"
                 )
             if "past_key_values" in kwargs:
-                raise ValueError("KV eviction builds its own cache; do not pass past_key_values with --kv-pruning h2o")
-            enable_kv_eviction(self)
-            repeats = generation_setting(kwargs, self.generation_config, "num_return_sequences", 1)
-            cache = KVEvictionCache(pruning, merged.attention_mask.repeat_interleave(repeats, dim=0))
-            kwargs["past_key_values"] = cache
-        out = super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
+                raise ValueError(
+                    f"--kv-pruning {pruning.kv_pruning} builds its own cache; do not pass past_key_values with it"
+                )
+            policy.prepare(self)
+            kwargs["past_key_values"] = policy.make_cache(merged.attention_mask.repeat_interleave(repeats, dim=0))
+        if pruning.llm_enabled:
+            if policy is not None:
+                raise ValueError(
+                    f"--llm-pruning {pruning.llm_pruning} with --kv-pruning {pruning.kv_pruning} is not supported yet: "
+                    "the KV policy's budgets assume every layer saw the whole prompt"
+                )
+            dropper = pruning.method("llm_pruning").implementation(pruning)
+        dropping = (
+            drop_tokens(
+                self.get_model().layers,
+                dropper,
+                merged.attention_mask.repeat_interleave(repeats, dim=0),
+                merged.visual_mask.repeat_interleave(repeats, dim=0),
+            )
+            if dropper is not None
+            else nullcontext()
+        )
+        with dropping as dropped:
+            out = super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
         if not return_stats:
             return out
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
         lengths = generated_lengths(sequences, eos)
         stats = []
-        budgets = cache.budgets() if cache is not None else [None] * len(lengths)
+        budgets = policy.budgets(kwargs["past_key_values"]) if policy is not None else [None] * len(lengths)
+        per_layer = dropped.visual_per_layer() if dropper is not None else None
         per_sample = len(lengths) // len(merged.token_stats)  # num_return_sequences rows per sample
         for row, length in enumerate(lengths):
             sample = dict(merged.token_stats[row // per_sample])
             sample["generated"] = length
             sample["kv_final"] = final_kv_length(sample["prompt"], length, budgets[row])
+            if per_layer is not None:
+                sample["visual_per_layer"] = per_layer[row]
             stats.append(sample)
         return LlavaGenerateOutput(sequences=sequences, token_stats=stats, raw=out)

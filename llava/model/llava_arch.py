@@ -3,7 +3,8 @@ into the token sequence.
 
 Differences from upstream, on purpose: images may keep different numbers of tokens per sample (stage 1), the merge
 re-pads left or right on request (left for generation, so batch > 1 works), and every merge reports per-sample
-token statistics. LLaVA-1.6's multi-crop (anyres) images are laid out by llava/model/anyres.py.
+token statistics, which travel in the return values (``forward``'s ``LlavaCausalLMOutput.token_stats``,
+``generate(..., return_stats=True)``). LLaVA-1.6's multi-crop (anyres) images are laid out by llava/model/anyres.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.model.anyres import (
@@ -40,7 +42,7 @@ class ImageFeatures:
     features: list[torch.Tensor]  # one [k_i, hidden] tensor per image
     n: list[int]
     kept: list[int]
-    inflection: list[int]
+    inflection: list[int | None]  # None when the vision-side method computes no i*
     extra: list[dict[str, Any]] = field(default_factory=list)  # per-image extras (e.g. per-crop counts)
 
 
@@ -51,6 +53,14 @@ class MergedInputs:
     position_ids: torch.Tensor  # [B, L]
     labels: torch.Tensor | None  # [B, L]
     token_stats: list[dict[str, Any]]  # per sample: visual_before, visual_after, inflection, prompt
+    visual_mask: torch.Tensor  # [B, L] bool: the positions that hold image features (LLM-side methods read it)
+
+
+@dataclass
+class LlavaCausalLMOutput(CausalLMOutputWithPast):
+    """The language model's output plus, when images were merged in this call, per-sample token statistics."""
+
+    token_stats: list[dict[str, Any]] | None = None
 
 
 def check_pruning_section(config) -> None:
@@ -130,13 +140,13 @@ class LlavaMetaForCausalLM:
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ):
+        token_stats = None
         if inputs_embeds is None and images is not None:
-            (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = (
-                self.prepare_inputs_labels_for_multimodal(
-                    input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
-                )
-            )
-        return super().forward(
+            merged = self._merge_for_forward(input_ids, attention_mask, labels, images, image_sizes)
+            if merged is not None:
+                input_ids, inputs_embeds, token_stats = None, merged.inputs_embeds, merged.token_stats
+                position_ids, attention_mask, labels = merged.position_ids, merged.attention_mask, merged.labels
+        output = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -147,6 +157,9 @@ class LlavaMetaForCausalLM:
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+        if token_stats is None:
+            return output
+        return LlavaCausalLMOutput(**output, token_stats=token_stats)
 
     def get_model(self):
         return self.model
@@ -178,7 +191,7 @@ class LlavaMetaForCausalLM:
             features=[projected[i, : kept[i]] for i in range(len(kept))],
             n=out.n.tolist(),
             kept=kept,
-            inflection=out.inflection.tolist(),
+            inflection=out.inflection.tolist() if out.inflection is not None else [None] * len(kept),
             extra=[{} for _ in kept],
         )
 
@@ -275,23 +288,25 @@ class LlavaMetaForCausalLM:
 
         embed = self.get_model().embed_tokens
         max_len = getattr(self.config, "tokenizer_model_max_length", None)
-        sequences, seq_labels, stats = [], [], []
+        sequences, seq_labels, visual_masks, stats = [], [], [], []
         image_idx = 0
         for b in range(batch):
             ids = ids_per_sample[b]
             lab = labels_per_sample[b] if labels_per_sample is not None else None
             positions = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
             text_embeds = embed(ids.masked_fill(ids == IMAGE_TOKEN_INDEX, 0))
-            pieces, piece_labels = [], []
+            pieces, piece_labels, piece_visual = [], [], []
             start = 0
             sample_stats = {"visual_before": 0, "visual_after": 0, "inflection": []}
             extra: dict[str, list] = {}
             for pos in positions:
                 pieces.append(text_embeds[start:pos])
+                piece_visual.append(torch.zeros(pos - start, dtype=torch.bool, device=ids.device))
                 if lab is not None:
                     piece_labels.append(lab[start:pos])
                 feats = encoded.features[image_idx]
                 pieces.append(feats.to(text_embeds.dtype))
+                piece_visual.append(torch.ones(feats.shape[0], dtype=torch.bool, device=ids.device))
                 if lab is not None:
                     piece_labels.append(torch.full((feats.shape[0],), IGNORE_INDEX, dtype=lab.dtype, device=lab.device))
                 sample_stats["visual_before"] += encoded.n[image_idx]
@@ -302,6 +317,7 @@ class LlavaMetaForCausalLM:
                 image_idx += 1
                 start = pos + 1
             pieces.append(text_embeds[start:])
+            piece_visual.append(torch.zeros(ids.shape[0] - start, dtype=torch.bool, device=ids.device))
             if lab is not None:
                 piece_labels.append(lab[start:])
             if not positions and consume_dummy:
@@ -309,8 +325,9 @@ class LlavaMetaForCausalLM:
                 image_idx += 1
             seq = torch.cat(pieces)
             seq_lab = torch.cat(piece_labels) if lab is not None else None
+            visual = torch.cat(piece_visual)
             if max_len is not None and seq.shape[0] > max_len:
-                seq = seq[:max_len]
+                seq, visual = seq[:max_len], visual[:max_len]
                 seq_lab = seq_lab[:max_len] if seq_lab is not None else None
             inflection = sample_stats["inflection"]
             sample_stats["inflection"] = inflection[0] if len(inflection) == 1 else (inflection or None)
@@ -318,20 +335,27 @@ class LlavaMetaForCausalLM:
             sample_stats.update(extra)
             sequences.append(seq)
             seq_labels.append(seq_lab)
+            visual_masks.append(visual)
             stats.append(sample_stats)
 
         side = padding_side or getattr(self.config, "tokenizer_padding_side", None) or "right"
-        return _pad_sequences(sequences, seq_labels if labels is not None else None, side, stats)
+        return _pad_sequences(sequences, seq_labels if labels is not None else None, visual_masks, side, stats)
 
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
     ):
-        """Upstream's 6-tuple interface: (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels)."""
-        if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
+        """Upstream's 6-tuple interface: (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels).
+        The token statistics are in ``merge_multimodal``'s result (and in ``forward``'s output)."""
+        merged = self._merge_for_forward(input_ids, attention_mask, labels, images, image_sizes)
+        if merged is None:
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
-        merged = self.merge_multimodal(input_ids, attention_mask, labels, images, image_sizes)
-        self._last_token_stats = merged.token_stats
         return None, merged.position_ids, merged.attention_mask, past_key_values, merged.inputs_embeds, merged.labels
+
+    def _merge_for_forward(self, input_ids, attention_mask, labels, images, image_sizes) -> MergedInputs | None:
+        """The merge a forward call does; None where there is nothing to merge (no tower or images, a decode step)."""
+        if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
+            return None
+        return self.merge_multimodal(input_ids, attention_mask, labels, images, image_sizes)
 
 
 def _is_multi_crop(images, config) -> bool:
@@ -344,7 +368,11 @@ def _is_multi_crop(images, config) -> bool:
 
 
 def _pad_sequences(
-    sequences: list[torch.Tensor], labels: list[torch.Tensor] | None, side: str, stats: list[dict[str, Any]]
+    sequences: list[torch.Tensor],
+    labels: list[torch.Tensor] | None,
+    visual: list[torch.Tensor],
+    side: str,
+    stats: list[dict[str, Any]],
 ) -> MergedInputs:
     if side not in ("left", "right"):
         raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
@@ -354,6 +382,7 @@ def _pad_sequences(
     ref = sequences[0]
     embeds = ref.new_zeros(batch, longest, hidden)
     mask = torch.zeros(batch, longest, dtype=torch.long, device=ref.device)
+    visual_mask = torch.zeros(batch, longest, dtype=torch.bool, device=ref.device)
     positions = torch.zeros(batch, longest, dtype=torch.long, device=ref.device)
     padded_labels = (
         torch.full((batch, longest), IGNORE_INDEX, dtype=labels[0].dtype, device=ref.device) if labels else None
@@ -363,7 +392,8 @@ def _pad_sequences(
         span = slice(longest - length, longest) if side == "left" else slice(0, length)
         embeds[b, span] = seq
         mask[b, span] = 1
+        visual_mask[b, span] = visual[b].to(ref.device)
         positions[b, span] = torch.arange(length, device=ref.device)
         if padded_labels is not None:
             padded_labels[b, span] = labels[b]
-    return MergedInputs(embeds, mask, positions, padded_labels, stats)
+    return MergedInputs(embeds, mask, positions, padded_labels, stats, visual_mask)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers import Trainer
 
-from llava.train.callbacks import load_non_lora_trainables, save_llava_files, unwrap_llava
+from llava.train.callbacks import load_non_lora_trainables, save_llava_files
 
 PROJECTOR_KEYS = ("mm_projector", "vision_resampler")
 
@@ -171,15 +171,11 @@ class LLaVATrainer(Trainer):
 
     # ---- stage-1 statistics ----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        llava = unwrap_llava(self.model)
-        llava._last_token_stats = None
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        for sample in getattr(llava, "_last_token_stats", None) or []:
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        for sample in getattr(outputs, "token_stats", None) or []:  # the model's output carries them
             if sample["visual_before"] > 0:  # text-only samples carry a dummy image that is dropped
                 self._visual_kept += torch.tensor([sample["visual_after"], sample["visual_before"], 1.0])
-        return result
+        return (loss, outputs) if return_outputs else loss
 
     # ---- learning rates --------------------------------------------------------------------------------------
     def group_learning_rates(self) -> dict[str, float]:

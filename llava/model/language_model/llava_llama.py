@@ -11,6 +11,7 @@ from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel, check_p
 
 class LlavaConfig(LlamaConfig):
     model_type = "llava_llama"
+    keys_to_ignore_at_inference = ["past_key_values", "token_stats"]  # the Trainer's eval loop gathers the rest
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
