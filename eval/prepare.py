@@ -18,29 +18,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from eval.benchmarks import Benchmark, Part, get_benchmark, registered_benchmarks
 from eval.common import EvalInputError
-from eval.prepare_choice import BENCHES as CHOICE
-from eval.prepare_io import DEFAULT_ORGS, Bench, Part, check, load_part
-from eval.prepare_open import BENCHES as OPEN
-from eval.prepare_short import BENCHES as SHORT
-
-BENCHES: dict[str, Bench] = {b.name: b for b in (*CHOICE, *SHORT, *OPEN)}
-ALIASES: dict[str, str] = {a: b.name for b in BENCHES.values() for a in (b.name, *b.aliases)}
+from eval.prepare_io import DEFAULT_ORGS, check, load_part
 
 
-def find_bench(name: str) -> Bench:
-    if name not in ALIASES:
-        raise EvalInputError(f"unknown benchmark {name!r}; choose from {sorted(BENCHES)}")
-    return BENCHES[ALIASES[name]]
-
-
-def select_parts(bench: Bench, spec: str | None) -> tuple[str, ...]:
+def select_parts(bench: Benchmark, spec: str | None) -> tuple[str, ...]:
     if spec is None:
-        return bench.default_parts
+        return bench.prepare.default_parts
     parts = tuple(p.strip() for p in spec.split(",") if p.strip())
-    unknown = [p for p in parts if p not in bench.parts]
+    unknown = [p for p in parts if p not in bench.prepare.parts]
     if unknown or not parts:
-        raise EvalInputError(f"--parts {spec!r}: {bench.name} has parts {sorted(bench.parts)}")
+        raise EvalInputError(f"--parts {spec!r}: {bench.folder} has parts {sorted(bench.prepare.parts)}")
     return parts
 
 
@@ -52,16 +41,16 @@ def overridden(part: Part, args: argparse.Namespace) -> Part:
     )
 
 
-def run_check(bench: Bench, parts: tuple[str, ...], out: Path) -> int:
-    problems, warnings = check(out, bench.required(parts), bench.images(parts))
+def run_check(bench: Benchmark, parts: tuple[str, ...], out: Path) -> int:
+    problems, warnings = check(out, *bench.prepare.check(bench, parts))
     for line in warnings:
         print(f"warning: {line}")
     for line in problems:
         print(line)
     if problems:
-        print(f"{bench.name}: {len(problems)} problem(s) in {out}")
+        print(f"{bench.folder}: {len(problems)} problem(s) in {out}")
         return 1
-    print(f"{bench.name}: {out} has every required file")
+    print(f"{bench.folder}: {out} has every required file")
     return 0
 
 
@@ -69,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval.prepare",
         description=__doc__.split("\n\n")[0],
-        epilog="benchmarks: " + ", ".join(f"{b.name} (parts {'/'.join(b.parts)})" for b in BENCHES.values()),
+        epilog="benchmarks: "
+        + ", ".join(f"{b.folder} (parts {'/'.join(b.prepare.parts)})" for b in registered_benchmarks() if b.prepare),
     )
     parser.add_argument("bench", help="benchmark (or alias: sqa, mme, mmvet, llavabench, ...)")
     parser.add_argument("--out", type=Path, help="benchmark folder (default: playground/data/eval/<bench>)")
@@ -88,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        bench = find_bench(args.bench)
+        bench = get_benchmark(args.bench)
+        if bench.prepare is None:
+            raise EvalInputError(f"benchmark {bench.name!r} has no data preparation (its spec's prepare is None)")
         parts = select_parts(bench, args.parts)
-        out = args.out or Path("playground/data/eval") / bench.name
+        out = args.out or Path("playground/data/eval") / bench.folder
         if args.check:
             return run_check(bench, parts, out)
         if (args.dataset or args.config or args.split) and len(parts) != 1:
@@ -100,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         orgs = (args.hf_org,) if args.hf_org else DEFAULT_ORGS
         data = {
             name: load_part(
-                overridden(bench.parts[name], args),
+                overridden(bench.prepare.parts[name], args),
                 orgs=orgs,
                 token=True if args.hf_token else None,
                 from_disk=args.from_disk,
@@ -109,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for name in parts
         }
-        for line in bench.build(data, out):
+        for line in bench.prepare.build(bench, data, out):
             print(f"wrote {line}")
     except EvalInputError as err:
         print(f"error: {err}", file=sys.stderr)

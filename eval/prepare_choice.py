@@ -1,4 +1,5 @@
-"""Multiple-choice benchmarks: ScienceQA (``model_vqa_science``) and MMBench (``model_vqa_mmbench``).
+"""Data preparation of the multiple-choice benchmarks: ScienceQA (``model_vqa_science``) and MMBench
+(``model_vqa_mmbench``).
 
 The single-prediction instruction ("Answer with the option's letter ...") is not written into these files: the
 runners add it with ``--single-pred-prompt``, as upstream.
@@ -7,14 +8,12 @@ runners add it with ``--single-pred-prompt``, as upstream.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eval.common import EvalInputError
 from eval.prepare_io import (
-    Bench,
     ImageRefs,
     ImageWriter,
-    Part,
     Requirement,
     b64,
     image_bytes,
@@ -23,10 +22,15 @@ from eval.prepare_io import (
     write_json,
 )
 
+if TYPE_CHECKING:
+    from eval.benchmarks import Benchmark
+
 # ---------------------------------------------------------------------------------------------------------------
 # ScienceQA
 
 SQA_SPLIT_NAMES = {"test": "test", "val": "val"}  # part -> ScienceQA's own split name (pid_splits.json key)
+# Per split (the runner reads the test split's: the spec's question file and image folder).
+SQA_QUESTIONS, SQA_IMAGES = "llava_{split}_CQM-A.json", "images/{split}"
 _SQA_FIELDS = ("task", "grade", "subject", "topic", "category", "skill", "lecture", "solution")
 
 
@@ -37,7 +41,7 @@ def sqa_prompt(question: str, hint: str, choices: list[str], has_image: bool) ->
     return f"<image>\n{text}" if has_image else text
 
 
-def build_scienceqa(data: dict[str, Any], out: Path) -> list[str]:
+def build_scienceqa(bench: Benchmark, data: dict[str, Any], out: Path) -> list[str]:
     """The Hugging Face copy has no problem ids, so they are made up (``<split>_<row:05d>``) and written
     consistently into problems.json, pid_splits.json, the question file and the image folders."""
     problems: dict[str, dict[str, Any]] = {}
@@ -45,7 +49,7 @@ def build_scienceqa(data: dict[str, Any], out: Path) -> list[str]:
     written = []
     for part, ds in data.items():
         split = SQA_SPLIT_NAMES[part]
-        images = ImageWriter(out / "images" / split)
+        images = ImageWriter(out / SQA_IMAGES.format(split=split))
         convs = []
         for i, row in enumerate(rows(ds)):
             pid = f"{split}_{i:05d}"
@@ -75,31 +79,22 @@ def build_scienceqa(data: dict[str, Any], out: Path) -> list[str]:
                 {"from": "gpt", "value": chr(ord("A") + answer)},
             ]
             convs.append(conv)
-        written += [write_json(out / f"llava_{split}_CQM-A.json", convs, indent=2), images.summary()]
+        written += [write_json(out / SQA_QUESTIONS.format(split=split), convs, indent=2), images.summary()]
     written += [write_json(out / "problems.json", problems), write_json(out / "pid_splits.json", splits)]
     return written
 
 
-SCIENCEQA = Bench(
-    name="scienceqa",
-    aliases=("sqa",),
-    parts={
-        "test": Part("ScienceQA", "ScienceQA-FULL", "test"),
-        "val": Part("ScienceQA", "ScienceQA-FULL", "validation"),
-    },
-    default_parts=("test",),
-    build=build_scienceqa,
-    required=lambda parts: [
-        *(Requirement(f"llava_{SQA_SPLIT_NAMES[p]}_CQM-A.json") for p in parts),
+def check_scienceqa(bench: Benchmark, parts: tuple[str, ...]) -> tuple[list[Requirement], list[ImageRefs]]:
+    splits = [SQA_SPLIT_NAMES[p] for p in parts]
+    required = [
+        *(Requirement(SQA_QUESTIONS.format(split=split)) for split in splits),
         Requirement("problems.json"),
         Requirement("pid_splits.json"),
-        *(Requirement(f"images/{SQA_SPLIT_NAMES[p]}/") for p in parts),
-    ],
-    images=lambda parts: [
-        ImageRefs(f"llava_{SQA_SPLIT_NAMES[p]}_CQM-A.json", f"images/{SQA_SPLIT_NAMES[p]}", read_json_images)
-        for p in parts
-    ],
-)
+        *(Requirement(SQA_IMAGES.format(split=split) + "/") for split in splits),
+    ]
+    refs = [ImageRefs(SQA_QUESTIONS.format(split=s), SQA_IMAGES.format(split=s), read_json_images) for s in splits]
+    return required, refs
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # MMBench
@@ -121,14 +116,10 @@ MMBENCH_COLUMNS = (
     "comment",
     "split",
 )
-MMBENCH_FILES = {
-    "en": {"dev": "mmbench_dev_20230712.tsv", "test": "mmbench_test_en_20231003.tsv"},
-    "cn": {"dev": "mmbench_dev_cn_20231003.tsv", "test": "mmbench_test_cn_20231003.tsv"},
-}
 
 
 def mmbench_builder(lang: str):  # noqa: ANN201 (a builder closure)
-    def build(data: dict[str, Any], out: Path) -> list[str]:
+    def build(bench: Benchmark, data: dict[str, Any], out: Path) -> list[str]:
         """One TSV per split in the official layout: base64 image bytes, lower-case ``l2-category``
         (upstream's submission converter drops that exact column name), missing options left empty."""
         import pandas as pd
@@ -143,7 +134,7 @@ def mmbench_builder(lang: str):  # noqa: ANN201 (a builder closure)
                 records.append({c: row[c] for c in MMBENCH_COLUMNS if c in row})
             if not records:
                 raise EvalInputError(f"MMBench {lang} {part}: the split is empty")
-            path = out / MMBENCH_FILES[lang][part]
+            path = out / bench.files[part]
             path.parent.mkdir(parents=True, exist_ok=True)
             pd.DataFrame.from_records(records).to_csv(path, sep="\t", index=False)
             written.append(f"{path} ({len(records)} rows)")
@@ -152,17 +143,5 @@ def mmbench_builder(lang: str):  # noqa: ANN201 (a builder closure)
     return build
 
 
-def mmbench_bench(lang: str) -> Bench:
-    dataset = "MMBench_EN" if lang == "en" else "MMBench_CN"
-    return Bench(
-        name="mmbench" if lang == "en" else "mmbench_cn",
-        aliases=("mmbench_en",) if lang == "en" else ("mmbench-cn",),
-        parts={"dev": Part(dataset, None, "dev"), "test": Part(dataset, None, "test")},
-        default_parts=("dev",),
-        build=mmbench_builder(lang),
-        required=lambda parts: [Requirement(MMBENCH_FILES[lang][p], "images are base64 inside") for p in parts],
-        images=lambda parts: [],
-    )
-
-
-BENCHES = [SCIENCEQA, mmbench_bench("en"), mmbench_bench("cn")]
+def check_mmbench(bench: Benchmark, parts: tuple[str, ...]) -> tuple[list[Requirement], list[ImageRefs]]:
+    return [Requirement(bench.files[p], "images are base64 inside") for p in parts], []

@@ -1,8 +1,9 @@
-"""Shared pieces of ``eval.prepare``: the benchmark record, loading a Hugging Face copy, writing files and images.
+"""Shared pieces of ``eval.prepare``: loading a Hugging Face copy, writing files and images, checking a folder.
 
-Every benchmark is one :class:`Bench`: where its rows come from (:class:`Part`: dataset, config, split), a
-``build`` that writes LLaVA's playground files from those rows, and the ``required`` files plus the image
-references that ``--check`` verifies in an existing (e.g. upstream eval.zip) folder.
+What to build for a benchmark is in its spec (``eval.benchmarks``, ``Benchmark.prepare``): the parts its rows come
+from (``Part``: dataset, config, split), a ``build`` that writes LLaVA's playground files from those rows, and a
+``check`` that lists the required files plus the image references ``--check`` verifies in an existing (e.g.
+upstream eval.zip) folder.
 """
 
 from __future__ import annotations
@@ -17,24 +18,18 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from eval.common import EvalInputError, iter_jsonl, jsonl_line
+
+if TYPE_CHECKING:
+    from eval.benchmarks import Part
 
 DEFAULT_ORGS = ("lmms-lab-encoder", "lmms-lab")
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 _PIL_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
-
-
-@dataclass(frozen=True)
-class Part:
-    """One Hugging Face split a benchmark is built from."""
-
-    dataset: str
-    config: str | None
-    split: str
 
 
 @dataclass(frozen=True)
@@ -51,17 +46,6 @@ class ImageRefs:
     question_file: str
     folder: str
     names: Callable[[Path], list[str]]
-
-
-@dataclass(frozen=True)
-class Bench:
-    name: str  # folder under playground/data/eval, as upstream's scripts expect
-    parts: dict[str, Part]
-    default_parts: tuple[str, ...]
-    build: Callable[[dict[str, Any], Path], list[str]]
-    required: Callable[[tuple[str, ...]], list[Requirement]]
-    images: Callable[[tuple[str, ...]], list[ImageRefs]]
-    aliases: tuple[str, ...] = ()
 
 
 def load_part(

@@ -1,4 +1,5 @@
-"""Open-ended benchmarks run by ``model_vqa`` and graded by a GPT judge: MM-Vet and LLaVA-Bench-in-the-Wild.
+"""Data preparation of the open-ended benchmarks run by ``model_vqa`` and graded by a GPT judge: MM-Vet and
+LLaVA-Bench-in-the-Wild.
 
 Questions are sent bare (no suffix), as upstream.
 """
@@ -7,14 +8,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eval.common import EvalInputError
 from eval.prepare_io import (
-    Bench,
     ImageRefs,
     ImageWriter,
-    Part,
     Requirement,
     has_image_suffix,
     image_bytes,
@@ -26,11 +25,12 @@ from eval.prepare_io import (
     write_jsonl,
 )
 
+if TYPE_CHECKING:
+    from eval.benchmarks import Benchmark
+
 # ---------------------------------------------------------------------------------------------------------------
 # MM-Vet
 
-MMVET_QUESTIONS = "llava-mm-vet.jsonl"
-MMVET_TRUTH = "mm-vet.json"
 _V1 = re.compile(r"^v1_(\d+)$")
 
 
@@ -53,8 +53,8 @@ def capability_list(value: Any, where: str) -> list[str]:
     return caps
 
 
-def build_mmvet(data: dict[str, Any], out: Path) -> list[str]:
-    images = ImageWriter(out / "images")
+def build_mmvet(bench: Benchmark, data: dict[str, Any], out: Path) -> list[str]:
+    images = ImageWriter(out / bench.image_folder)
     questions, truth = [], {}
     for i, row in enumerate(rows(data["test"])):
         number = mmvet_number(row["question_id"], i)
@@ -76,30 +76,21 @@ def build_mmvet(data: dict[str, Any], out: Path) -> list[str]:
     if len(truth) != len(questions):
         raise EvalInputError("MM-Vet: question ids are not unique")
     return [
-        write_jsonl(out / MMVET_QUESTIONS, questions),
-        write_json(out / MMVET_TRUTH, truth, indent=2),
+        write_jsonl(out / bench.question_file, questions),
+        write_json(out / bench.files["truth"], truth, indent=2),
         images.summary(),
     ]
 
 
-MMVET = Bench(
-    name="mm-vet",
-    aliases=("mmvet",),
-    parts={"test": Part("MMVet", None, "test")},
-    default_parts=("test",),
-    build=build_mmvet,
-    required=lambda parts: [
-        Requirement(MMVET_QUESTIONS),
-        Requirement("images/"),
-        Requirement(MMVET_TRUTH, "ground truth, needed only for `python -m eval.mmvet --grade`", optional=True),
-    ],
-    images=lambda parts: [ImageRefs(MMVET_QUESTIONS, "images", jsonl_field("image"))],
-)
+def check_mmvet(bench: Benchmark, parts: tuple[str, ...]) -> tuple[list[Requirement], list[ImageRefs]]:
+    truth = "ground truth, needed only for `python -m eval.mmvet --grade`"
+    required = [Requirement(bench.question_file), Requirement(f"{bench.image_folder}/")]
+    required.append(Requirement(bench.files["truth"], truth, optional=True))
+    return required, [ImageRefs(bench.question_file, bench.image_folder, jsonl_field("image"))]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # LLaVA-Bench-in-the-Wild
-
-LLAVABENCH_FILES = ("questions.jsonl", "context.jsonl", "answers_gpt4.jsonl")
 
 
 def llavabench_image_name(image_id: Any, data: bytes, where: str) -> str:
@@ -108,8 +99,8 @@ def llavabench_image_name(image_id: Any, data: bytes, where: str) -> str:
     return name if has_image_suffix(name) else name + image_suffix(data, where)
 
 
-def build_llavabench(data: dict[str, Any], out: Path) -> list[str]:
-    images = ImageWriter(out / "images")
+def build_llavabench(bench: Benchmark, data: dict[str, Any], out: Path) -> list[str]:
+    images = ImageWriter(out / bench.image_folder)
     questions, answers, contexts = [], [], {}
     for i, row in enumerate(rows(data["train"])):
         where = f"LLaVA-Bench row {i} (question_id {row.get('question_id')})"
@@ -132,21 +123,14 @@ def build_llavabench(data: dict[str, Any], out: Path) -> list[str]:
             raise EvalInputError(f"{where}: image {name} has two different captions")
         contexts[name] = {"id": Path(name).stem, "image": name, "caption": caption}
     return [
-        write_jsonl(out / "questions.jsonl", questions),
-        write_jsonl(out / "context.jsonl", contexts.values()),
-        write_jsonl(out / "answers_gpt4.jsonl", answers),
+        write_jsonl(out / bench.question_file, questions),
+        write_jsonl(out / bench.files["context"], contexts.values()),
+        write_jsonl(out / bench.files["references"], answers),
         images.summary(),
     ]
 
 
-LLAVABENCH = Bench(
-    name="llava-bench-in-the-wild",
-    aliases=("llavabench", "llava-bench", "llava_bench"),
-    parts={"train": Part("llava-bench-in-the-wild", None, "train")},
-    default_parts=("train",),
-    build=build_llavabench,
-    required=lambda parts: [*(Requirement(f) for f in LLAVABENCH_FILES), Requirement("images/")],
-    images=lambda parts: [ImageRefs("questions.jsonl", "images", jsonl_field("image"))],
-)
-
-BENCHES = [MMVET, LLAVABENCH]
+def check_llavabench(bench: Benchmark, parts: tuple[str, ...]) -> tuple[list[Requirement], list[ImageRefs]]:
+    files = (bench.question_file, bench.files["context"], bench.files["references"])
+    required = [*(Requirement(f) for f in files), Requirement(f"{bench.image_folder}/")]
+    return required, [ImageRefs(bench.question_file, bench.image_folder, jsonl_field("image"))]

@@ -1,4 +1,4 @@
-"""Short-answer benchmarks run by ``model_vqa_loader``: TextVQA, MME, VQAv2, POPE.
+"""Data preparation of the short-answer benchmarks run by ``model_vqa_loader``: TextVQA, MME, VQAv2, POPE.
 
 Each question line is upstream's ``{"question_id", "image", "text", "category"}`` with the question followed by
 "\\nAnswer the question using a single word or phrase." (the suffix lives in the question file, as in eval.zip).
@@ -9,15 +9,13 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eval.common import EvalInputError
 from eval.prepare_io import (
     SHORT_ANSWER,
-    Bench,
     ImageRefs,
     ImageWriter,
-    Part,
     Requirement,
     int_if_numeric,
     jsonl_field,
@@ -27,11 +25,12 @@ from eval.prepare_io import (
     write_text,
 )
 
+if TYPE_CHECKING:
+    from eval.benchmarks import Benchmark
+
 # ---------------------------------------------------------------------------------------------------------------
 # TextVQA
 
-TEXTVQA_QUESTIONS = "llava_textvqa_val_v051_ocr.jsonl"
-TEXTVQA_ANNOTATIONS = "TextVQA_0.5.1_val.json"
 _TEXTVQA_FIELDS = (
     "question_id",
     "image_id",
@@ -52,10 +51,10 @@ def textvqa_prompt(question: str, ocr_tokens: list[str]) -> str:
     return f"{question}\nReference OCR token: {', '.join(ocr_tokens)}{SHORT_ANSWER}"
 
 
-def build_textvqa(data: dict[str, Any], out: Path) -> list[str]:
+def build_textvqa(bench: Benchmark, data: dict[str, Any], out: Path) -> list[str]:
     """Question ids are TextVQA's own numeric ids (unique), not upstream's image ids (shared by several
     questions); the annotation file carries both, so the scorer matches by id."""
-    images = ImageWriter(out / "train_images")
+    images = ImageWriter(out / bench.image_folder)
     questions, annotations = [], []
     for i, row in enumerate(rows(data["val"])):
         where = f"textvqa row {i} (question_id {row.get('question_id')})"
@@ -75,30 +74,21 @@ def build_textvqa(data: dict[str, Any], out: Path) -> list[str]:
         annotations.append({k: row[k] for k in _TEXTVQA_FIELDS if k in row})
     ann = {"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": annotations}
     return [
-        write_jsonl(out / TEXTVQA_QUESTIONS, questions),
-        write_json(out / TEXTVQA_ANNOTATIONS, ann),
+        write_jsonl(out / bench.question_file, questions),
+        write_json(out / bench.files["annotations"], ann),
         images.summary(),
     ]
 
 
-TEXTVQA = Bench(
-    name="textvqa",
-    parts={"val": Part("textvqa", None, "validation")},
-    default_parts=("val",),
-    build=build_textvqa,
-    required=lambda parts: [
-        Requirement(TEXTVQA_QUESTIONS),
-        Requirement(TEXTVQA_ANNOTATIONS),
-        Requirement("train_images/"),
-    ],
-    images=lambda parts: [ImageRefs(TEXTVQA_QUESTIONS, "train_images", jsonl_field("image"))],
-)
+def check_textvqa(bench: Benchmark, parts: tuple[str, ...]) -> tuple[list[Requirement], list[ImageRefs]]:
+    required = [Requirement(bench.question_file), Requirement(bench.files["annotations"])]
+    required.append(Requirement(f"{bench.image_folder}/"))
+    return required, [ImageRefs(bench.question_file, bench.image_folder, jsonl_field("image"))]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # MME
 
-MME_QUESTIONS = "llava_mme.jsonl"
-MME_ROOT = "MME_Benchmark_release_version"
 # In the official release these categories keep images in images/ and answers in questions_answers_YN/;
 # the others hold <image> and <image stem>.txt side by side.
 MME_NESTED = frozenset({"artwork", "celebrity", "landmark", "posters", "scene"})
@@ -115,9 +105,10 @@ def mme_paths(question_id: str, category: str) -> tuple[str, str]:
     return f"{folder}/{file}", f"{folder}/{stem}.txt"
 
 
-def build_mme(data: dict[str, Any], out: Path) -> list[str]:
-    """``question_id`` stays upstream's ``<category>/<file>``, shared by the two questions of an image."""
-    root = out / MME_ROOT
+def build_mme(bench: Benchmark, data: dict[str, Any], out: Path) -> list[str]:
+    """``question_id`` stays upstream's ``<category>/<file>``, shared by the two questions of an image. The image
+    folder (MME_Benchmark_release_version) holds the ground truth too."""
+    root = out / bench.image_folder
     images = ImageWriter(root)
     truth: dict[str, list[str]] = defaultdict(list)
     questions = []
@@ -132,7 +123,7 @@ def build_mme(data: dict[str, Any], out: Path) -> list[str]:
         questions.append({"question_id": row["question_id"], "image": image, "text": text, "category": row["category"]})
     for txt, lines in truth.items():
         write_text(root / txt, "\n".join(lines) + "\n")
-    return [write_jsonl(out / MME_QUESTIONS, questions), f"{root}: {len(truth)} answer files", images.summary()]
+    return [write_jsonl(out / bench.question_file, questions), f"{root}: {len(truth)} answer files", images.summary()]
 
 
 def mme_truth_files(path: Path) -> list[str]:
@@ -146,38 +137,29 @@ def mme_truth_files(path: Path) -> list[str]:
     return out
 
 
-MME = Bench(
-    name="MME",
-    aliases=("mme",),
-    parts={"test": Part("MME", None, "test")},
-    default_parts=("test",),
-    build=build_mme,
-    required=lambda parts: [Requirement(MME_QUESTIONS), Requirement(f"{MME_ROOT}/")],
-    images=lambda parts: [
-        ImageRefs(MME_QUESTIONS, MME_ROOT, jsonl_field("image")),
-        ImageRefs(MME_QUESTIONS, MME_ROOT, mme_truth_files),
-    ],
-)
+def check_mme(bench: Benchmark, parts: tuple[str, ...]) -> tuple[list[Requirement], list[ImageRefs]]:
+    questions, root = bench.question_file, bench.image_folder
+    refs = [ImageRefs(questions, root, jsonl_field("image")), ImageRefs(questions, root, mme_truth_files)]
+    return [Requirement(questions), Requirement(f"{root}/")], refs
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # VQAv2
 
-VQAV2_FILES = {
-    "testdev": ("llava_vqav2_mscoco_test-dev2015.jsonl", "test2015", "COCO_test2015_{:012d}.jpg"),
-    "test": ("llava_vqav2_mscoco_test2015.jsonl", "test2015", "COCO_test2015_{:012d}.jpg"),
-    "val": ("llava_vqav2_mscoco_val2014.jsonl", "val2014", "COCO_val2014_{:012d}.jpg"),
+VQAV2_IMAGES = {  # part -> (image folder, file name pattern); the question files are the spec's files[part]
+    "testdev": ("test2015", "COCO_test2015_{:012d}.jpg"),
+    "test": ("test2015", "COCO_test2015_{:012d}.jpg"),
+    "val": ("val2014", "COCO_val2014_{:012d}.jpg"),
 }
-VQAV2_VAL_QUESTIONS = "v2_OpenEnded_mscoco_val2014_questions.json"
-VQAV2_VAL_ANNOTATIONS = "v2_mscoco_val2014_annotations.json"
 
 
-def build_vqav2(data: dict[str, Any], out: Path) -> list[str]:
+def build_vqav2(bench: Benchmark, data: dict[str, Any], out: Path) -> list[str]:
     """test-dev is what runs; the full test list only pads the EvalAI submission, so its images are not written
     (they are a superset of test-dev's, about 81k files). ``val`` adds official-format annotations for local
     accuracy."""
     written = []
     for part, ds in data.items():
-        qfile, folder, pattern = VQAV2_FILES[part]
+        qfile, (folder, pattern) = bench.files[part], VQAV2_IMAGES[part]
         images = None if part == "test" else ImageWriter(out / folder)
         questions, val_questions, val_annotations = [], [], []
         for i, row in enumerate(rows(ds, drop_images=images is None)):
@@ -206,42 +188,27 @@ def build_vqav2(data: dict[str, Any], out: Path) -> list[str]:
         if images is not None:
             written.append(images.summary())
         if part == "val":
-            written.append(write_json(out / VQAV2_VAL_QUESTIONS, {"questions": val_questions}))
-            written.append(write_json(out / VQAV2_VAL_ANNOTATIONS, {"annotations": val_annotations}))
+            written.append(write_json(out / bench.files["val_questions"], {"questions": val_questions}))
+            written.append(write_json(out / bench.files["val_annotations"], {"annotations": val_annotations}))
     return written
 
 
-def vqav2_required(parts: tuple[str, ...]) -> list[Requirement]:
+def check_vqav2(bench: Benchmark, parts: tuple[str, ...]) -> tuple[list[Requirement], list[ImageRefs]]:
     reqs = []
     for part in parts:
-        qfile, folder, _ = VQAV2_FILES[part]
+        qfile, folder = bench.files[part], VQAV2_IMAGES[part][0]
         reqs.append(Requirement(qfile, "the full test list pads the EvalAI submission" if part == "test" else ""))
         if part != "test":
             reqs.append(Requirement(f"{folder}/"))
         if part == "val":
-            reqs += [Requirement(VQAV2_VAL_QUESTIONS), Requirement(VQAV2_VAL_ANNOTATIONS)]
-    return reqs
+            reqs += [Requirement(bench.files["val_questions"]), Requirement(bench.files["val_annotations"])]
+    refs = [ImageRefs(bench.files[p], VQAV2_IMAGES[p][0], jsonl_field("image")) for p in parts if p != "test"]
+    return reqs, refs
 
-
-VQAV2 = Bench(
-    name="vqav2",
-    parts={
-        "testdev": Part("VQAv2", None, "testdev"),
-        "test": Part("VQAv2", None, "test"),
-        "val": Part("VQAv2", None, "validation"),
-    },
-    default_parts=("testdev", "test"),
-    build=build_vqav2,
-    required=vqav2_required,
-    images=lambda parts: [
-        ImageRefs(VQAV2_FILES[p][0], VQAV2_FILES[p][1], jsonl_field("image")) for p in parts if p != "test"
-    ],
-)
 
 # ---------------------------------------------------------------------------------------------------------------
 # POPE
 
-POPE_QUESTIONS = "llava_pope_test.jsonl"
 POPE_CATEGORIES = ("adversarial", "popular", "random")
 
 
@@ -255,10 +222,10 @@ def pope_ids(raw: list[Any]) -> list[Any]:
     return list(range(1, len(ids) + 1))
 
 
-def build_pope(data: dict[str, Any], out: Path) -> list[str]:
+def build_pope(bench: Benchmark, data: dict[str, Any], out: Path) -> list[str]:
     ds = data["test"]
     ids = pope_ids(list(ds["question_id"]))
-    images = ImageWriter(out / "val2014")
+    images = ImageWriter(out / bench.image_folder)
     questions = []
     labels: dict[str, list[dict[str, Any]]] = {c: [] for c in POPE_CATEGORIES}
     for i, (qid, row) in enumerate(zip(ids, rows(ds))):
@@ -274,22 +241,16 @@ def build_pope(data: dict[str, Any], out: Path) -> list[str]:
         labels[category].append(
             {"question_id": qid, "image": name, "text": row["question"], "label": row["answer"].strip().lower()}
         )
-    written = [write_jsonl(out / POPE_QUESTIONS, questions)]
-    written += [write_jsonl(out / "coco" / f"coco_pope_{c}.json", lines) for c, lines in labels.items() if lines]
+    written = [write_jsonl(out / bench.question_file, questions)]
+    labels_dir = out / bench.files["labels"]
+    written += [write_jsonl(labels_dir / f"coco_pope_{c}.json", lines) for c, lines in labels.items() if lines]
     return [*written, images.summary()]
 
 
-POPE = Bench(
-    name="pope",
-    parts={"test": Part("POPE", None, "test")},
-    default_parts=("test",),
-    build=build_pope,
-    required=lambda parts: [
-        Requirement(POPE_QUESTIONS),
-        *(Requirement(f"coco/coco_pope_{c}.json") for c in POPE_CATEGORIES),
-        Requirement("val2014/", "COCO val2014 images"),
-    ],
-    images=lambda parts: [ImageRefs(POPE_QUESTIONS, "val2014", jsonl_field("image"))],
-)
-
-BENCHES = [TEXTVQA, MME, VQAV2, POPE]
+def check_pope(bench: Benchmark, parts: tuple[str, ...]) -> tuple[list[Requirement], list[ImageRefs]]:
+    required = [
+        Requirement(bench.question_file),
+        *(Requirement(f"{bench.files['labels']}/coco_pope_{c}.json") for c in POPE_CATEGORIES),
+        Requirement(f"{bench.image_folder}/", "COCO val2014 images"),
+    ]
+    return required, [ImageRefs(bench.question_file, bench.image_folder, jsonl_field("image"))]

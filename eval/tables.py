@@ -1,7 +1,7 @@
 """The paper's Tables 1-5, 7 and 8 from a folder of scorer result JSONs, next to the paper's own values.
 
 Which result belongs to which row is data, not code: ``eval/table_specs/table<N>.json`` lists the columns
-(benchmark, title, decimals), the token statistic printed in parentheses (or none), and the rows (label, how to
+(benchmark, decimals, and a title when it is not the benchmark's own, ``eval.benchmarks``), the token statistic printed in parentheses (or none), and the rows (label, how to
 match a result, the paper's values). A result is matched to a cell by its ``benchmark`` field and the row's
 ``match``: ``ckpt`` (glob on the run name: the path below the ``results/`` folder without .json, so
 ``<bench>/results/exp1/demo.json`` is ``exp1/demo``; scorers write ``<bench>/results/<ckpt>.json``), ``path``
@@ -28,11 +28,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from eval.benchmarks import get_benchmark, registered_benchmarks
 from eval.common import format_table, token_stat
 
 SPEC_DIR = Path(__file__).resolve().parent / "table_specs"
 TABLES = ("1", "2", "3", "4", "5", "7", "8")
-BENCHMARKS = ("pope", "textvqa", "mme", "sqa", "mmbench", "vqav2", "mmvet", "llavabench")
 TOKEN_STATS = ("visual_before", "visual_after", "inflection", "prompt", "generated", "kv_final")
 MATCH_KEYS = ("ckpt", "path", "label", "model", "config")
 MISSING, AMBIGUOUS = "-", "?"
@@ -106,8 +106,9 @@ def load_results(folder: Path, warn: Any = print) -> list[Result]:
 def _result_problem(data: Any) -> str | None:
     if not isinstance(data, dict) or "benchmark" not in data or "headline" not in data:
         return "not a scorer result (needs 'benchmark' and 'headline')"
-    if data["benchmark"] not in BENCHMARKS:
-        return f"unknown benchmark {data['benchmark']!r} (known: {', '.join(BENCHMARKS)})"
+    known = [benchmark.name for benchmark in registered_benchmarks()]
+    if data["benchmark"] not in known:
+        return f"unknown benchmark {data['benchmark']!r} (known: {', '.join(known)})"
     if not _is_number(data["headline"]):
         return f"headline is {data['headline']!r}, not a finite number"
     if data.get("tokens") is not None and not isinstance(data["tokens"], dict):
@@ -142,9 +143,11 @@ def load_spec(path: Path) -> dict[str, Any]:
         need(key in spec, f"missing key {key!r}")
     need(spec.get("tokens") in (None, *TOKEN_STATS), f"tokens must be null or one of {', '.join(TOKEN_STATS)}")
     need(isinstance(spec["columns"], list) and spec["columns"], "columns must be a non-empty list")
+    known = [benchmark.name for benchmark in registered_benchmarks()]
     for column in spec["columns"]:
-        need(isinstance(column, dict) and column.get("benchmark") in BENCHMARKS, f"bad column {column!r}")
-        need(isinstance(column.get("title"), str), f"column {column['benchmark']!r} needs a title")
+        need(isinstance(column, dict) and column.get("benchmark") in known, f"bad column {column!r}")
+        column.setdefault("title", get_benchmark(column["benchmark"]).title)
+        need(isinstance(column["title"], str), f"column {column['benchmark']!r}: the title must be a string")
         decimals = column.get("decimals")
         need(isinstance(decimals, int) and 0 <= decimals <= 4, f"column {column['title']!r}: decimals 0..4")
     benchmarks = [column["benchmark"] for column in spec["columns"]]
