@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from llava.constants import NON_LORA_FILE
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+from llava.model.phi3v import is_phi3v_config, load_phi3v
 from llava.tokenization import load_tokenizer
 from llava.utils import looks_like_hub_id
 from pruning import PruningConfig, resolve_pruning
@@ -212,6 +213,8 @@ def load_pretrained_model(
 
     folder = resolve_model_path(model_path)
     raw_config = read_config(folder)
+    if is_phi3v_config(raw_config):  # Phi-3-vision's own release layout (llava/model/phi3v/loader.py)
+        return load_phi3v(folder, raw_config, load_kwargs, _overrides(pruning), model_base)
     route = detect_route(folder, raw_config, model_base)
     base = resolve_model_path(model_base) if route in ("lora", "projector") else None
 
