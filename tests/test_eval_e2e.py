@@ -439,8 +439,10 @@ def test_pope_script_on_cpu(tiny_ckpt: Path, tmp_path: Path) -> None:
 
 
 STUB_PYTHON = """#!/usr/bin/env bash
-# Stands in for python: logs how it was called; as a runner, writes one answer line naming its chunk (and a run
-# record); the chunk merge runs for real.
+# Stands in for python: the scripts' driver runs for real (it starts the other calls with this stub); the rest is
+# logged; as a runner, the stub writes one answer line naming its chunk (and a run record); the chunk merge runs
+# for real.
+[ "$2" = llava.eval.run_benchmark ] && exec "$REAL_PYTHON" "$@"
 echo "${CUDA_VISIBLE_DEVICES-unset}|$*" >> "$STUB_LOG"
 [ "$2" = llava.eval.merge_chunks ] && exec "$REAL_PYTHON" "$@"
 args=("$@"); answers=""; idx=""
@@ -513,9 +515,10 @@ def test_scripts_chunk_per_gpu_merge_in_order_and_score(script: str, tmp_path: P
 
 
 def test_scripts_stop_when_the_data_folder_is_missing(tmp_path: Path) -> None:
-    env = {**os.environ, "EVAL_DIR": str(tmp_path / "nowhere"), "PYTHON": "false"}
+    env = {**os.environ, "EVAL_DIR": str(tmp_path / "nowhere"), "PYTHON": sys.executable}
     done = run_script("pope.sh", env)
     assert done.returncode != 0 and f"no data folder {tmp_path / 'nowhere' / 'pope'}" in done.stderr
+    assert not (tmp_path / "nowhere").exists()  # stopped before any runner
 
 
 # ---- the README demo ----------------------------------------------------------------------------------------------

@@ -1,3 +1,3 @@
 #!/usr/bin/env bash
-# MMBench-CN: mmbench.sh with MMBENCH_LANG=cn (upstream's script name).
-MMBENCH_LANG=cn exec bash "$(dirname "${BASH_SOURCE[0]}")/mmbench.sh" "$@"
+# MMBench-CN (upstream's script name): mmbench.sh in Chinese, folder mmbench_cn. Settings: see _common.sh.
+exec bash "$(dirname "${BASH_SOURCE[0]}")/_common.sh" mmbench_cn "$@"

@@ -1,6 +1,3 @@
 #!/usr/bin/env bash
 # MM-Vet (GPT-graded when JUDGE_MODEL is set) on LLaVA-1.6: scripts/v1_5/eval/mmvet.sh with the LLaVA-1.6 defaults (see _common.sh here).
-set -euo pipefail
-# shellcheck source=scripts/v1_6/eval/_common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-run_v15 mmvet.sh "$@"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/_common.sh" mmvet "$@"
