@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llava.constants import NON_LORA_FILE
+from llava.model.internvl.configuration_internvl_chat import is_internvl_config
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from llava.model.phi3v import is_phi3v_config, load_phi3v
@@ -215,6 +216,10 @@ def load_pretrained_model(
     raw_config = read_config(folder)
     if is_phi3v_config(raw_config):  # Phi-3-vision's own release layout (llava/model/phi3v/loader.py)
         return load_phi3v(folder, raw_config, load_kwargs, _overrides(pruning), model_base)
+    if is_internvl_config(raw_config):  # InternVL2's own release layout (llava/model/internvl/builder.py)
+        from llava.model.internvl.builder import load_internvl  # it imports this module
+
+        return load_internvl(folder, raw_config, model_base, vision_tower, pruning, load_kwargs)
     route = detect_route(folder, raw_config, model_base)
     base = resolve_model_path(model_base) if route in ("lora", "projector") else None
 
