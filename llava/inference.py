@@ -88,8 +88,12 @@ def generate_answers(
     max_new_tokens: int = 128,
     pruning: PruningConfig | None = None,
     seed: int | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
 ) -> list[Answer]:
-    """Answer a batch of full prompts (already wrapped in a template) about their images (None = text only)."""
+    """Answer a batch of full prompts (already wrapped in a template) about their images (None = text only).
+
+    ``generate_kwargs`` go to ``model.generate`` as well (e.g. a ``logits_processor``, as ``llava.lmms.scoring`` uses).
+    """
     if len(prompts) != len(images):
         raise ValueError(f"got {len(prompts)} prompts but {len(images)} image entries")
     token_lists, flat_images, sizes = [], [], []
@@ -126,6 +130,7 @@ def generate_answers(
         generation_kwargs["temperature"] = temperature
         if top_p is not None:
             generation_kwargs["top_p"] = top_p
+    generation_kwargs.update(generate_kwargs or {})
     out = model.generate(
         input_ids.to(device),
         attention_mask=attention_mask.to(device),
