@@ -175,11 +175,14 @@ def _unbind_cache(module: nn.Module, args: tuple, output: Any) -> None:
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Llama-style self-attention: a layer index, GQA groups, a config, and q/k/v projections."""
+    """Llama-style self-attention: a layer index, GQA groups, a config, and q/k/v projections (separate, or fused
+    as Phi-3's qkv_proj: the wrapper sees the split query, key and value either way)."""
     return [
         m
         for m in model.modules()
-        if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups") and hasattr(m, "k_proj")
+        if hasattr(m, "layer_idx")
+        and hasattr(m, "num_key_value_groups")
+        and (hasattr(m, "k_proj") or hasattr(m, "qkv_proj"))
     ]
 
 
@@ -193,7 +196,8 @@ def enable_kv_eviction(model: nn.Module) -> nn.Module:
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(
-            f"enable_kv_eviction: no Llama-style attention modules (layer_idx, num_key_value_groups, k_proj) found in "
+            f"enable_kv_eviction: no Llama-style attention modules (layer_idx, num_key_value_groups, k_proj or "
+            f"qkv_proj) found in "
             f"{type(model).__name__}"
         )
     configs = {id(m.config): m.config for m in modules}

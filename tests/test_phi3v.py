@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -33,15 +34,24 @@ OFFICIAL_PROMPT = "<|user|>\n<|image_1|>\nWhat is shown in this image?<|end|>\n<
 CASES = [(120, 90, 4), (64, 160, 4), (112, 112, 1), (400, 50, 16), (40, 320, 8), (30, 20, 16)]
 
 
+def tiny_checkpoint(tmp_path_factory):
+    return write_tiny_phi3v(tmp_path_factory.mktemp("phi3v") / "Phi-3-vision-tiny", seed=3)
+
+
+def load(ckpt):
+    """(tokenizer, model, processor) through load_pretrained_model, as every entry point loads."""
+    tokenizer, model, processor, _ = load_pretrained_model(str(ckpt), device="cpu")
+    return tokenizer, model, processor
+
+
 @pytest.fixture(scope="module")
 def phi3v_ckpt(tmp_path_factory):
-    return write_tiny_phi3v(tmp_path_factory.mktemp("phi3v") / "Phi-3-vision-tiny", seed=3)
+    return tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def phi3v(phi3v_ckpt):
-    tokenizer, model, processor, _ = load_pretrained_model(str(phi3v_ckpt), device="cpu")
-    return tokenizer, model, processor
+    return load(phi3v_ckpt)
 
 
 # ---- the reference -----------------------------------------------------------------------------------------
@@ -148,6 +158,10 @@ def checkpoint_state(folder):
 
 @pytest.fixture(scope="module")
 def reference(phi3v_ckpt):
+    return build_reference(phi3v_ckpt)
+
+
+def build_reference(phi3v_ckpt):
     """(official image embedding, transformers Phi3ForCausalLM) with the checkpoint's weights."""
     raw = json.loads((phi3v_ckpt / "config.json").read_text())
     fields = {k: v for k, v in raw.items() if k not in ("auto_map", "_attn_implementation", "model_type")}
@@ -178,13 +192,20 @@ def reference_logits(reference, tokenizer, text, images, num_crops):
         return lm(inputs_embeds=embeds, attention_mask=torch.ones(input_ids.shape)).logits, input_ids
 
 
+@contextmanager
+def crops_per_image(processor, num_crops: int):
+    """The processor with another num_crops for a while (the model finds each image's grid by itself)."""
+    saved, processor.num_crops = processor.num_crops, num_crops
+    try:
+        yield processor
+    finally:
+        processor.num_crops = saved
+
+
 def our_logits(phi3v, prompt, images, num_crops):
     tokenizer, model, processor = phi3v
-    processor.num_crops = num_crops
-    try:
+    with crops_per_image(processor, num_crops):
         pixels = process_images(images, processor, model.config)
-    finally:
-        processor.num_crops = 4
     ids = torch.tensor([tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX)])
     with torch.no_grad():
         out = model(input_ids=ids, images=pixels, image_sizes=[image.size for image in images])
@@ -239,9 +260,14 @@ def test_batch_of_four_equals_four_single_runs(phi3v):
     images = [random_image(20 + i, size) for i, size in enumerate([(120, 90), (64, 160), (112, 112), (400, 50)])]
     questions = ["What is shown in this image?", "Describe it.", "Is there a cat?", "Count the objects."]
     prompts = [f"<|user|>\n<image>\n{q}<|end|>\n<|assistant|>\n" for q in questions]
-    batch = generate_answers(model, tokenizer, processor, prompts, images, max_new_tokens=8)
-    for prompt, image, answer in zip(prompts, images, batch):
-        single = generate_answers(model, tokenizer, processor, [prompt], [image], max_new_tokens=8)[0]
+    with crops_per_image(processor, 2):  # grids 2x1, 1x2, 1x1, 2x1: four different lengths, shorter prompts
+        batch = generate_answers(model, tokenizer, processor, prompts, images, max_new_tokens=8)
+        singles = [
+            generate_answers(model, tokenizer, processor, [p], [i], max_new_tokens=8)[0]
+            for p, i in zip(prompts, images)
+        ]
+    assert len({a.token_stats["prompt"] for a in batch}) == 4
+    for answer, single in zip(batch, singles):
         assert answer.text == single.text
         assert answer.token_stats == single.token_stats
 

@@ -35,7 +35,9 @@ from llava.model.generation import LlavaGenerationMixin
 from llava.model.llava_arch import ImageFeatures, LlavaMetaForCausalLM, MultimodalInputError
 from llava.model.phi3v.config import Phi3VConfig
 from llava.model.phi3v.image_processing import HDGrid, hd_grid
-from pruning import PruningConfig
+from pruning import PruningConfig, VisionContext, apply_strategy, cls_patch_scores, raster_order_indices
+from pruning.strategies import is_keep_rule
+from pruning.visual import gather_patches, key_padding_mask
 
 
 @dataclass
@@ -107,28 +109,78 @@ class Phi3VImageEmbedding(nn.Module):
             raise ValueError(f"img_processor.layer_idx {self.select_layer} is out of range for {layers} tower layers")
         return index
 
-    def patch_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """[N, 3, 336, 336] -> hidden_states[layer_idx] without CLS, [N, 576, C]; only the layers needed run."""
-        tower = self.img_processor
-        hidden = tower.pre_layrnorm(tower.embeddings(crops.to(device=self.device, dtype=tower.dtype)))
-        for layer in tower.encoder.layers[: self.select_hidden_index()]:
-            hidden = layer(hidden, None)
-        return hidden[:, 1:]
+    def vision_context(self, crops: torch.Tensor, pruning: PruningConfig) -> VisionContext:
+        """The tower on a batch of crops, run lazily (pruning.visual): only the layers a caller asks for run."""
+        pixels = crops.to(device=self.device, dtype=self.img_processor.dtype)
+        return VisionContext(
+            self.img_processor, pixels, pruning, self.select_hidden_index(), self.random_generator(pruning)
+        )
 
     def merge_2x2(self, patches: torch.Tensor) -> torch.Tensor:
-        """[N, side^2, C] patches -> [N, (side/2)^2, 4C]: each 2 x 2 block concatenated in the official order."""
+        """[N, side^2, C] patches -> [N, (side/2)^2, 4C]: each 2 x 2 block concatenated in the official order
+        (top-left, top-right, bottom-left, bottom-right)."""
         count, _, channels = patches.shape
         half = self.merged_side
         blocks = patches.reshape(count, half, 2, half, 2, channels).permute(0, 1, 3, 2, 4, 5)
         return blocks.reshape(count, half * half, 4 * channels)
 
-    def select_crops(self, crops: torch.Tensor, pruning: PruningConfig) -> CropSelection:
-        """Every crop's merged tokens (stage 1 will keep a subset here)."""
-        if pruning.visual_enabled:
-            raise NotImplementedError("stage 1 on Phi-3-vision is not wired yet")
-        merged = self.merge_2x2(self.patch_features(crops))  # [N, 144, 4C]
-        positions = torch.arange(merged.shape[1], device=merged.device)
-        return CropSelection(list(merged), [positions] * merged.shape[0], [0] * merged.shape[0])
+    def merged_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """[N, side^2] patch scores -> [N, (side/2)^2]: a merged token scores the sum over its four patches (the CLS
+        attention mass on the block; docs/method.md, 'Phi-3-vision')."""
+        return self.merge_2x2(scores[..., None]).sum(dim=-1)
+
+    def select_crops(self, crops: torch.Tensor, counts: Sequence[int], pruning: PruningConfig) -> CropSelection:
+        """Each crop's kept merged tokens in raster order of its merged grid (``counts``: crops per image).
+
+        Stage 1 runs per crop, the global view included, as LLaVA-1.6 does: the patches are scored at
+        ``visual_layer`` (CLS similarity, ``pruning.cls_patch_scores``), a merged token scores the sum of its four
+        patches, and the configured keep rule (``pruning.apply_strategy``) decides on each crop's curve of merged
+        scores, so i* and k count merged tokens. ``crop_budget: global`` pools the crops' budgets within an image
+        (the best sum-of-k_c tokens over its crops). With ``visual_pruning: none`` every token is kept (i* is still
+        logged, as for LLaVA).
+        """
+        context = self.vision_context(crops, pruning)
+        _check_keep_rule(pruning, len(context.layers), context.select_index)
+        hidden = context.hidden_states(pruning.visual_layer)  # [N, 1 + 576, D], before the select layer is run
+        patch_scores = cls_patch_scores(context.layers[pruning.visual_layer], hidden, mode=pruning.visual_score)
+        decision = apply_strategy(self.merged_scores(patch_scores), pruning, context.generator)  # row = crop
+        keep = decision.keep if pruning.crop_budget == "per_crop" else _pooled_keep(decision, counts)
+        indices, mask = raster_order_indices(decision.ranking, keep)  # [N, k_max]
+        if pruning.visual_mode == "inside":
+            tokens = self._run_kept_blocks(context, hidden, indices, mask, pruning.visual_layer)
+        else:
+            tokens = gather_patches(self.merge_2x2(context.features()[:, 1:]), indices, mask)  # [N, k_max, 4C]
+        kept = keep.tolist()
+        return CropSelection(
+            [tokens[c, : kept[c]] for c in range(len(kept))],
+            [indices[c, : kept[c]] for c in range(len(kept))],
+            decision.inflection.tolist(),
+        )
+
+    def _run_kept_blocks(
+        self, context: VisionContext, hidden: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """'inside' mode: the tower layers from ``start`` to the select layer see CLS + the four patches of every
+        kept merged token only (padded rows' keys masked out); returns the merged tokens [N, k_max, 4C]."""
+        half, side = self.merged_side, self.patch_side
+        index = indices.clamp(min=0)
+        top_left = 2 * (index // half) * side + 2 * (index % half)  # [N, k_max]
+        offsets = torch.tensor([0, 1, side, side + 1], device=indices.device)  # the merge order: tl, tr, bl, br
+        patches = (top_left[..., None] + offsets).flatten(1)  # [N, 4 k_max]
+        patch_mask = mask.repeat_interleave(4, dim=1)
+        tokens = torch.cat([hidden[:, :1], gather_patches(hidden[:, 1:], patches, patch_mask)], dim=1)
+        tokens = context.run_layers(tokens, start, context.select_index, key_padding_mask(patch_mask, tokens.dtype))
+        count, _, dim = tokens.shape
+        return tokens[:, 1:].reshape(count, -1, 4 * dim)
+
+    def random_generator(self, pruning: PruningConfig) -> torch.Generator | None:
+        """One CPU generator per seed, so the 'random' rule draws new patterns for each batch, reproducibly."""
+        if pruning.visual_pruning != "random":
+            return None
+        if getattr(self, "_generator_seed", None) != pruning.seed:
+            self._generator = torch.Generator().manual_seed(pruning.seed)
+            self._generator_seed = pruning.seed
+        return self._generator
 
     # ---- layout ----------------------------------------------------------------------------------------------
     def layout_image(
@@ -160,6 +212,8 @@ class Phi3VImageEmbedding(nn.Module):
 
     def _rows_closed(self, feats: torch.Tensor, keys: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
         """Tokens sorted by key = row * width + col, each non-empty row followed by sub_GN; (sequence, separators)."""
+        if feats.shape[0] == 0:  # a crop budget pooled away from every token of this part
+            return feats, 0
         order = torch.argsort(keys)
         feats, rows = feats[order], (keys[order] // width)
         counts = torch.bincount(rows).tolist()
@@ -172,7 +226,7 @@ class Phi3VImageEmbedding(nn.Module):
     # ---- whole images ----------------------------------------------------------------------------------------
     def forward(self, crops: list[torch.Tensor], grids: list[HDGrid], pruning: PruningConfig) -> list[dict]:
         """Project every image's laid-out tokens; one dict per image with the tokens and stage-1 statistics."""
-        selection = self.select_crops(torch.cat(crops), pruning)
+        selection = self.select_crops(torch.cat(crops), [image.shape[0] for image in crops], pruning)
         out, start = [], 0
         for image, grid in zip(crops, grids):
             span = slice(start, start + image.shape[0])
@@ -260,6 +314,39 @@ class Phi3VForCausalLM(LlavaGenerationMixin, LlavaMetaForCausalLM, Phi3ForCausal
                 }
             )
         return result
+
+
+def _pooled_keep(decision, counts: Sequence[int]) -> torch.Tensor:
+    """crop_budget 'global': an image keeps the sum of its crops' k_c, taken as the best-ranked tokens over all its
+    crops; returns how many of them fall in each crop (each crop's share is then its own best-ranked tokens)."""
+    keep = torch.zeros_like(decision.keep)
+    start = 0
+    for count in counts:
+        ranking = decision.ranking[start : start + count]  # [crops, n]
+        budget = int(decision.keep[start : start + count].sum())
+        best = torch.sort(ranking.flatten(), descending=True, stable=True).indices[:budget]
+        keep[start : start + count] = torch.bincount(best // ranking.shape[1], minlength=count)
+        start += count
+    return keep
+
+
+def _check_keep_rule(pruning: PruningConfig, num_layers: int, select_index: int) -> None:
+    """Stage 1 on Phi-3-vision ranks merged tokens by CLS score: keep rules only."""
+    if not is_keep_rule(pruning.visual_pruning):
+        raise MultimodalInputError(
+            f"visual_pruning {pruning.visual_pruning!r} is not supported on Phi-3-vision: a merged token is four patches "
+            "concatenated, so only the CLS-score keep rules (scored per merged token) carry over; docs/models.md"
+        )
+    if not 0 <= pruning.visual_layer < num_layers:
+        raise MultimodalInputError(
+            f"visual_layer {pruning.visual_layer} needs encoder.layers[{pruning.visual_layer}], but the Phi-3-vision "
+            f"tower has {num_layers} layers (valid: 0..{num_layers - 1})"
+        )
+    if pruning.visual_mode == "inside" and pruning.visual_layer > select_index:
+        raise MultimodalInputError(
+            f"visual_mode 'inside' prunes at hidden_states[{pruning.visual_layer}], after the select layer "
+            f"hidden_states[{select_index}]; use a visual_layer <= {select_index} or visual_mode 'select'"
+        )
 
 
 def bos_after_images(
