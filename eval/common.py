@@ -23,6 +23,11 @@ class EvalInputError(ValueError):
     """Bad benchmark input; the message names the file, line or question id."""
 
 
+# The exit status of every runner, scorer and script that stops on bad input or settings: a rerun of the same
+# command cannot fix it (the scripts tell it apart from a crash, which a rerun resumes).
+INPUT_ERROR_STATUS = 2
+
+
 def iter_jsonl(
     path: str | Path, text: str | None = None, *, error: type[Exception] = EvalInputError, hint: str = ""
 ) -> Iterator[tuple[int, Any]]:
@@ -279,4 +284,4 @@ def run_cli(main: Callable[[], Any]) -> None:
         main()
     except EvalInputError as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(INPUT_ERROR_STATUS) from None

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from eval.benchmarks import Benchmark, Part, get_benchmark, registered_benchmarks
-from eval.common import EvalInputError
+from eval.common import INPUT_ERROR_STATUS, EvalInputError
 from eval.prepare_io import DEFAULT_ORGS, check, load_part
 
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {line}")
     except EvalInputError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return INPUT_ERROR_STATUS
     return 0
 
 

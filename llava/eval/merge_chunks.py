@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from eval.common import run_record_path, split_unfinished
+from eval.common import INPUT_ERROR_STATUS, run_record_path, split_unfinished
 from llava.eval import run_record
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = merge(args.chunks, args.out)
     except run_record.RunRecordError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return INPUT_ERROR_STATUS
     print(f"answers: {args.out} ({lines} lines from {len(args.chunks)} chunk(s))", file=sys.stderr)
     return 0
 

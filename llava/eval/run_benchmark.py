@@ -27,10 +27,10 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from eval.benchmarks import Benchmark, BenchmarkError, Run, get_benchmark
+from eval.common import INPUT_ERROR_STATUS
 
 DEFAULT_MODEL = "liuhaotian/llava-v1.5-7b"
 DEFAULT_EVAL_DIR = "./playground/data/eval"
-INPUT_ERROR_STATUS = 2  # a runner's exit status for bad input or settings (llava.eval.runner.INPUT_ERROR_STATUS)
 
 
 def setting(env: Mapping[str, str], name: str, default: str = "") -> str:
