@@ -30,6 +30,7 @@ from typing import Any
 
 from eval import prepare_choice, prepare_open, prepare_short
 from eval.common import EvalInputError, format_table
+from eval.prepare_io import ImageRefs, Requirement
 
 MODULES_ENV = "BENCHMARK_MODULES"
 
@@ -55,7 +56,7 @@ class Preparation:
     parts: Mapping[str, Part]
     default_parts: tuple[str, ...]
     build: Callable[[Benchmark, dict[str, Any], Path], list[str]]
-    check: Callable[[Benchmark, tuple[str, ...]], tuple[list[Any], list[Any]]]
+    check: Callable[[Benchmark, tuple[str, ...]], tuple[list[Requirement], list[ImageRefs]]]
 
 
 @dataclass(frozen=True)
