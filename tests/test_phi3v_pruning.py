@@ -16,10 +16,11 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.inference import generate_answers
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.llava_arch import MultimodalInputError
-from pruning import PruningConfig, register_vision_method, registry
+from pruning import PruningConfig, register_llm_method, register_vision_method, registry
 from tests.conftest import random_image
 from tests.test_kv_cache import h2o, left_padded
 from tests.test_kv_reference import run_cache, run_reference
+from tests.test_method_registry import TOY_DROP_KEEP, TOY_LAYER, FirstVisualTokens
 from tests.test_phi3v import (
     OFFICIAL_PROMPT,
     PROMPT,
@@ -255,6 +256,26 @@ def test_phi3_fused_qkv_eviction_matches_the_masked_reference(budgets):
     assert torch.equal(got, expected)
     for layer in range(2):
         assert cache.kept_positions(layer) == state.positions(layer)
+
+
+def test_llm_side_dropper_runs_on_phi3_layers(phi3v):
+    """An LLM-side method (the registry's toy dropper: the first N visual tokens go on from layer 1) acts on Phi-3's
+    decoder layers; the separators count as visual, the BOS after the image does not."""
+    tokenizer, model, processor = phi3v
+    register_llm_method("toy_drop", params=(TOY_LAYER, TOY_DROP_KEEP), description="test")(FirstVisualTokens)
+    try:
+        images = [random_image(3, (120, 90)), random_image(4, (64, 160))]
+        plain = generate_answers(model, tokenizer, processor, [PROMPT] * 2, images, max_new_tokens=4)
+        visual = [a.token_stats["visual_after"] for a in plain]
+        for keep in (5, max(visual)):
+            drop = PruningConfig(visual_layer=LAYER, llm_pruning="toy_drop", toy_drop_layer=1, toy_drop_keep=keep)
+            dropped = generate_answers(
+                model, tokenizer, processor, [PROMPT] * 2, images, max_new_tokens=4, pruning=drop
+            )
+            assert [a.token_stats["visual_per_layer"] for a in dropped] == [[v, min(v, keep)] for v in visual]
+        assert [a.text for a in dropped] == [a.text for a in plain]  # dropping nothing changes nothing
+    finally:
+        registry.unregister("llm_pruning", "toy_drop")
 
 
 def test_batch_of_four_equals_four_single_runs_with_both_stages(phi3v):

@@ -261,15 +261,17 @@ def write_tiny_phi3v(
     config = release_config(spec, vocab, pad, pruning)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_shards(out, release_state(spec, config, seed))
-    preprocessor = {
-        "auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"},
-        "do_convert_rgb": True,
+    preprocessor = {  # the release's keys
+        "auto_map": {
+            "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+            "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
+        },
+        "num_crops": spec.num_crops,
         "image_mean": list(CLIP_MEAN),
         "image_processor_type": "Phi3VImageProcessor",
         "image_std": list(CLIP_STD),
-        "num_crops": spec.num_crops,
-        "num_img_tokens": 144,
         "processor_class": "Phi3VProcessor",
+        "num_img_tokens": 144,
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     # made from config.json (eos 2, as the release's config says); the loader adds the tokenizer's <|end|>
