@@ -274,6 +274,16 @@ conv_llava_v1_mmtag = Conversation(
     version="v1_mmtag",
 )
 
+# InternVL2-1B's "Hermes-2" (its config.json's "template"): ChatML in the MPT style, "<|im_end|>" with no newline after
+# it, as OpenGVLab/InternVL's internvl/conversation.py (llava/model/internvl/conversation.py)
+conv_hermes_2 = Conversation(
+    system="<|im_start|>system\n你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
+    roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
+    sep_style=SeparatorStyle.MPT,
+    sep="<|im_end|>",
+    version="hermes_2",
+)
+
 default_conversation = conv_vicuna_v1
 
 conv_templates: dict[str, Conversation] = {
@@ -294,6 +304,7 @@ conv_templates: dict[str, Conversation] = {
     "v1_mmtag": conv_llava_v1_mmtag,
     "llava_llama_2": conv_llava_llama_2,
     "mpt": conv_mpt,
+    "Hermes-2": conv_hermes_2,
 }
 
 

@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from eval.common import INPUT_ERROR_STATUS, append_jsonl, iter_jsonl, run_record_path, split_unfinished
-from llava.eval import run_record
+from llava.eval import prompt_styles, run_record
 from llava.mm_utils import load_image
 
 ImageSource = Path | Callable[[], Image.Image] | None
@@ -117,6 +117,12 @@ def build_parser(question_format: QuestionFormat, description: str | None = None
     parser.add_argument("--image-folder", type=str, default="")
     parser.add_argument("--answers-file", type=str, default="answer.jsonl")
     parser.add_argument("--conv-mode", type=str, default=None, help="default: chosen from the checkpoint")
+    parser.add_argument(
+        "--prompt-style",
+        default=prompt_styles.DEFAULT,
+        choices=prompt_styles.names(),
+        help="question wording of another model's official evaluation (llava/eval/prompt_styles.py)",
+    )
     parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many slices")
     parser.add_argument("--chunk-idx", type=int, default=0, help="which slice this process answers (0-based)")
     parser.add_argument("--temperature", type=float, default=question_format.temperature)
@@ -392,6 +398,12 @@ def format_options(question_format: QuestionFormat, args: argparse.Namespace) ->
     return {action.dest: getattr(args, action.dest) for action in own._actions}
 
 
+def _style_option(args: argparse.Namespace) -> dict[str, Any]:
+    """--prompt-style for the run record, only when set (records of LLaVA's own wording stay as they were)."""
+    style = getattr(args, "prompt_style", prompt_styles.DEFAULT)
+    return {} if style == prompt_styles.DEFAULT else {"prompt_style": style}
+
+
 def build_run_record(args: argparse.Namespace, question_format: QuestionFormat) -> tuple[dict[str, Any], str]:
     """(this run's record, conv mode), from the checkpoint's config.json alone: checked before the model loads."""
     from types import SimpleNamespace
@@ -417,7 +429,7 @@ def build_run_record(args: argparse.Namespace, question_format: QuestionFormat) 
         conv_mode=conv_mode,
         generation=generation_settings(args),
         pruning=pruning,
-        options=format_options(question_format, args),
+        options={**format_options(question_format, args), **_style_option(args)},
         question_file=args.question_file,
         batch_size=args.batch_size,
     )
@@ -459,7 +471,8 @@ def main(question_format: QuestionFormat, argv: list[str] | None = None, descrip
     args = build_parser(question_format, description).parse_args(argv)
     try:
         check_args(args)
-        samples = get_chunk(question_format.read(args), args.num_chunks, args.chunk_idx)
+        questions = prompt_styles.restyle(args.prompt_style, question_format.name, question_format.read(args))
+        samples = get_chunk(questions, args.num_chunks, args.chunk_idx)
         if not samples:
             raise RunnerInputError(f"--question-file {args.question_file} holds no questions")
         answers_file = Path(args.answers_file)
@@ -471,7 +484,7 @@ def main(question_format: QuestionFormat, argv: list[str] | None = None, descrip
         pending = pending_samples(samples, read_answered(answers_file), answers_file)
         if not args.skip_errors:
             check_images_exist(pending)
-    except RunnerInputError as err:
+    except (RunnerInputError, prompt_styles.PromptStyleError) as err:
         exit_with(err)
     desc = f"{question_format.name} chunk {args.chunk_idx + 1}/{args.num_chunks}"
     if not pending:

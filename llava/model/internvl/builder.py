@@ -32,7 +32,7 @@ from llava.model.internvl.conversation import STOP_TOKEN, TEMPLATES
 from llava.model.internvl.image_processing import InternVLImageProcessor
 from llava.model.internvl.modeling_internvl_chat import InternVLChatModel
 from llava.model.internvl.tokenization import TokenizerFilesError, load_internvl_tokenizer
-from pruning import PruningConfig, resolve_pruning
+from pruning import PruningConfig, PruningConfigError, resolve_pruning
 
 
 def internvl_config(raw: dict[str, Any], folder: Path) -> InternVLChatConfig:
@@ -90,7 +90,14 @@ def load_internvl(
     config.img_start_token_id = tokenizer.convert_tokens_to_ids(IMG_START_TOKEN)
     config.img_end_token_id = tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
     config.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    config.pruning = resolve_pruning(config.pruning, _overrides(pruning)).to_dict()
+    resolved = resolve_pruning(config.pruning, _overrides(pruning))
+    depth = config.vision_config.num_hidden_layers
+    if resolved.visual_layer >= depth:  # the tiles are scored whatever the rule, so this holds with pruning off too
+        raise PruningConfigError(
+            f"--visual-layer {resolved.visual_layer}: the InternViT tower of {folder} has {depth} layers "
+            f"(valid: 0..{depth - 1})"
+        )
+    config.pruning = resolved.to_dict()
     vocab = config.llm_config.vocab_size
     if len(tokenizer) > vocab:
         raise CheckpointError(

@@ -5,8 +5,8 @@ The official template (OpenGVLab/InternVL ``internvl/conversation.py``) is ChatM
 
     <|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n<image>\\n{question}<|im_end|><|im_start|>assistant\\n
 
-which is ``llava.conversation``'s MPT style with these strings, so the template is a ``Conversation`` and every
-prompt builder of the project (``llava.inference.build_prompt``) produces it unchanged.
+which is ``llava.conversation``'s MPT style with these strings: ``conv_templates["Hermes-2"]``, the default
+template of InternVL checkpoints (``llava.utils.default_conv_mode``), so every entry point builds it.
 """
 
 from __future__ import annotations
@@ -14,32 +14,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.conversation import Conversation, SeparatorStyle
+from llava.conversation import conv_hermes_2
 from llava.model.internvl.configuration_internvl_chat import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
+SYSTEM_PREFIX = "<|im_start|>system\n"
 # the official system message (kept by InternVL "to avoid changes in benchmark performance")
-HERMES_2_SYSTEM_MESSAGE = (
-    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
-)
-STOP_TOKEN = "<|im_end|>"  # the template's separator: the official chat stops generating there
+HERMES_2_SYSTEM_MESSAGE = conv_hermes_2.system.removeprefix(SYSTEM_PREFIX)
+STOP_TOKEN = conv_hermes_2.sep  # "<|im_end|>": the official chat stops generating there
 
-conv_internvl2_hermes = Conversation(
-    system="<|im_start|>system\n" + HERMES_2_SYSTEM_MESSAGE,
-    roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
-    sep_style=SeparatorStyle.MPT,
-    sep=STOP_TOKEN,
-    version="hermes_2",
-)
-
-# config.json "template" -> conversation; only the template InternVL2-1B ships with
-TEMPLATES = {"Hermes-2": conv_internvl2_hermes}
+# config.json "template" -> its name in llava.conversation.conv_templates; only the one InternVL2-1B ships with
+TEMPLATES = {"Hermes-2": "Hermes-2"}
 
 
 def hermes_2_prompt(question: str, system_message: str | None = None) -> str:
     """One user turn with the answer turn open; ``<image>\\n`` in front unless the question places ``<image>``."""
-    conv = conv_internvl2_hermes.copy()
+    conv = conv_hermes_2.copy()
     if system_message is not None:
-        conv.system = "<|im_start|>system\n" + system_message
+        conv.system = SYSTEM_PREFIX + system_message
     if DEFAULT_IMAGE_TOKEN not in question:
         question = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
     conv.append_message(conv.roles[0], question)

@@ -6,7 +6,7 @@ a 448 tile), so stage 1 keeps or drops merged tokens whole:
 
 - the CLS row at ``visual_layer`` scores the P patches (``pruning.cls_patch_scores``, paper eq. 1, over the
   layer's fused qkv);
-- a merged token's score is the **sum** of its patches' scores (docs/method.md, "InternVL2: merged tokens"): the
+- a merged token's score is the **sum** of its patches' scores (docs/method.md, "Merged tokens (InternVL2)"): the
   scores are the CLS query's attention mass, and the mass on a group of keys is the sum of its members' mass, so the
   merged scores are again a distribution, over exactly the units that reach the LLM;
 - the keep rule (``pruning.apply_strategy``: i* and k, top-k, ratio, random, ...) runs on the n = P / 4 merged scores
