@@ -17,6 +17,7 @@ import pytest
 
 from eval.prepare_choice import sqa_prompt
 from eval.prepare_io import SHORT_ANSWER
+from eval.tables import build_grid, load_results, load_spec, spec_path
 from llava.eval.prompt_styles import LETTER, PromptStyleError, restyle
 from llava.eval.runner import Sample
 from llava.model.internvl.tiny import write_tiny_internvl
@@ -24,6 +25,7 @@ from tests.test_eval_e2e import pope_fixture, read_lines, save_image, write_json
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "internvl2" / "eval"
 PROMPT = "Answer the question using a single word or phrase."
+RUN = "internvl2-1b-longtail-h2o"  # the run name Table 5's "InternVL2-1B + Ours" row reads
 
 
 def official_vqa(question: str) -> str:  # vqa/evaluate_vqa.py, VQADataset.__getitem__
@@ -92,18 +94,18 @@ def run_script(name: str, env: dict[str, str], *args: str) -> subprocess.Complet
 
 def script_env(model: Path, eval_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    env.update(MODEL_PATH=str(model), EVAL_DIR=str(eval_dir), PYTHON=sys.executable, CKPT="tiny", BATCH_SIZE="2")
+    env.update(MODEL_PATH=str(model), EVAL_DIR=str(eval_dir), PYTHON=sys.executable, CKPT=RUN, BATCH_SIZE="2")
     env.update(PRUNING_ARGS="--visual-pruning longtail --kv-pruning h2o")
     return env
 
 
 def check_answers(root: Path, count: int, style: str | None) -> list[dict]:
-    rows = read_lines(root / "answers" / "tiny.jsonl")
+    rows = read_lines(root / "answers" / f"{RUN}.jsonl")
     assert len(rows) == count
-    record = json.loads((root / "answers" / "tiny.run.json").read_text(encoding="utf-8"))
+    record = json.loads((root / "answers" / f"{RUN}.run.json").read_text(encoding="utf-8"))
     assert record["conv_mode"] == "Hermes-2"
     assert record["options"].get("prompt_style") == style
-    result = json.loads((root / "results" / "tiny.json").read_text(encoding="utf-8"))
+    result = json.loads((root / "results" / f"{RUN}.json").read_text(encoding="utf-8"))
     assert result["count"] == count and result["run"] == record
     with_image = [r["tokens"] for r in rows if r["tokens"]["visual_before"]]
     assert with_image and all(t["visual_before"] % 16 == 0 for t in with_image)  # 16 merged tokens per tile
@@ -168,8 +170,14 @@ def test_scienceqa_script(tiny_internvl, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = check_answers(root, 4, "internvl2_sqa")
     assert sum("<image>" in row["prompt"] for row in rows) == 3  # the scorer's IMG subset, as with LLaVA
-    result = json.loads((root / "results" / "tiny.json").read_text(encoding="utf-8"))
+    result = json.loads((root / "results" / f"{RUN}.json").read_text(encoding="utf-8"))
     assert result["benchmark"] == "sqa" and result["metrics"]["img_total"] == 3
+    # the result lands in Table 5's "InternVL2-1B + Ours" row, ScienceQA column
+    spec = load_spec(spec_path("5"))
+    grid = {row.label: row.cells for row in build_grid(spec, load_results(tmp_path / "eval"), warn=lambda m: None)}
+    columns = [column["benchmark"] for column in spec["columns"]]
+    assert grid["InternVL2-1B + Ours"][columns.index("sqa")].ours == result["headline"]
+    assert grid["InternVL2-1B"][columns.index("sqa")].ours is None
 
 
 def test_scripts_pass_each_benchmarks_wording(tmp_path):
