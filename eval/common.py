@@ -45,7 +45,7 @@ def iter_jsonl(
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise error(f"{path}:{number}: not valid JSON ({err.msg}){hint}") from None
+            raise error(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}){hint}") from None
         yield number, value
 
 
@@ -85,7 +85,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise EvalInputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise EvalInputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
 
 
 def answers_by_id(rows: Iterable[dict[str, Any]], source: str) -> dict[Any, dict[str, Any]]:

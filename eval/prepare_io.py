@@ -245,7 +245,7 @@ def read_json_images(path: Path) -> list[str]:
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise EvalInputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise EvalInputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     if not isinstance(entries, list):
         raise EvalInputError(f"{path}: expected a JSON list of questions")
     return [e["image"] for e in entries if isinstance(e, dict) and e.get("image")]

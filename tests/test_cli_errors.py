@@ -73,3 +73,20 @@ def test_no_traceback_from_the_command_line(tmp_path) -> None:
     )
     assert done.returncode == USER_ERROR_STATUS
     assert done.stderr.strip().startswith("error: image file not found") and "Traceback" not in done.stderr
+
+
+def test_a_corrupt_question_line_names_line_and_column_even_with_skip_errors(tmp_path, capsys) -> None:
+    from llava.eval import model_vqa_loader
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "image": "a.png", "text": "Hi?"}\n{"question_id": 2, "text": oops}\n')
+    argv = ["--model-path", str(DEMO), "--question-file", str(questions), "--answers-file", str(tmp_path / "a.jsonl")]
+    for extra in ([], ["--skip-errors"]):
+        with pytest.raises(SystemExit) as stop:
+            model_vqa_loader.main([*argv, *extra])
+        assert stop.value.code == USER_ERROR_STATUS
+        assert f"{questions}:2: not valid JSON (Expecting value at column 28)" in capsys.readouterr().err
+    # the help says so instead of promising to skip it
+    with pytest.raises(SystemExit):
+        model_vqa_loader.main(["--help"])
+    assert "a line that is not JSON at all still stops the run" in " ".join(capsys.readouterr().out.split())

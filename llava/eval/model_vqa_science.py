@@ -30,7 +30,7 @@ def read(args: argparse.Namespace) -> list[Sample]:
     try:
         problems = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise RunnerInputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise RunnerInputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     if not isinstance(problems, list):
         raise RunnerInputError(f"{path}: expected a JSON list of problems, found {type(problems).__name__}")
     samples = []

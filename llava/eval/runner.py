@@ -140,7 +140,9 @@ def build_parser(question_format: QuestionFormat, description: str | None = None
     parser.add_argument(
         "--skip-errors",
         action="store_true",
-        help="record unreadable images / corrupt rows as failed answers (scored wrong) instead of stopping",
+        help="record questions whose image cannot be read, or whose row lacks a field (no text, a bad image name, an "
+        "undecodable MMBench image), as failed answers (scored wrong, retried by the next run) instead of stopping; a "
+        "line that is not JSON at all still stops the run, naming its line and column: it has no question id to record",
     )
     parser.add_argument("--overwrite", action="store_true", help="start the answers file afresh instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

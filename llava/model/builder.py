@@ -76,7 +76,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         return json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file}: not valid JSON ({err.msg})") from None
+        raise CheckpointError(
+            f"{config_file}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
 
 
 def has_weights(folder: Path) -> bool:

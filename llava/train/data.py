@@ -190,7 +190,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         else:
             records = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{file}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        raise DataError(f"{file}: not valid JSON ({err.msg}, line {err.lineno}, column {err.colno})") from None
     if not isinstance(records, list):
         raise DataError(f"{file}: expected a list of records, found {type(records).__name__}")
     for index, record in enumerate(records):
