@@ -415,3 +415,34 @@ def test_invalid_values_through_lmms_eval_name_the_key(model_args, message):
     with pytest.raises((ValueError, TypeError)) as caught:
         model_class.create_from_arg_string(f"pretrained={DEMO},{model_args}", {"batch_size": "4", "device": "cpu"})
     assert message in str(caught.value)
+
+
+def write_family(name: str, folder: Path) -> Path:
+    if name == "llava-1.6":
+        from llava.model.tiny import write_tiny_llava_next
+
+        return write_tiny_llava_next(folder, seed=0)
+    from llava.model.internvl.tiny import write_tiny_internvl
+
+    return write_tiny_internvl(folder)
+
+
+@pytest.mark.parametrize("family", ["llava-1.6", "internvl2"])
+def test_other_families_score_through_the_same_path(family, tmp_path):
+    """Another family plugs in through the loader, its template and default_conv_mode: nothing plugin-specific."""
+    from llava.utils import default_conv_mode
+    from tests.conftest import random_image
+
+    pruning = {"visual_pruning": "longtail", "alpha": 1.0, "kv_pruning": "h2o"}
+    checkpoint = write_family(family, tmp_path / family)
+    tokenizer, model, processor, _ = load_pretrained_model(str(checkpoint), None, None, device="cpu", pruning=pruning)
+    conv_mode = default_conv_mode(family, model.config, purpose="eval")
+    pictures = [random_image(i, (200 + 60 * i, 120)) for i in range(3)]
+    prompts = [build_prompt(q, conv_mode, model_config=model.config) for q in QUESTIONS]
+    batched = score_replies(model, tokenizer, processor, prompts, REPLIES, pictures, conv_mode)
+    for prompt, reply, picture, score in zip(prompts, REPLIES, pictures, batched):
+        single = score_replies(model, tokenizer, processor, [prompt], [reply], [picture], conv_mode)[0]
+        assert score.logprob == pytest.approx(single.logprob, abs=1e-4)
+        assert score.token_stats == single.token_stats
+        assert score.token_stats["generated"] == score.tokens + 1
+        assert score.token_stats["visual_after"] < score.token_stats["visual_before"]

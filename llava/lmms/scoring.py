@@ -108,9 +108,9 @@ def score_replies(
         if not tokens:
             raise ValueError(f"empty reply {reply!r}: nothing to score")
         targets.append(tokens)
-    eos = model.generation_config.eos_token_id
-    eos = tokenizer.eos_token_id if eos is None else eos
-    forced = ForcedReply(targets, eos[0] if isinstance(eos, (list, tuple)) else eos)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-sequence token to end the forced replies with")
+    forced = ForcedReply(targets, tokenizer.eos_token_id)
     answers = generate_answers(
         model,
         tokenizer,
@@ -118,7 +118,8 @@ def score_replies(
         prompts,
         images,
         max_new_tokens=max(len(t) for t in targets) + 1,
-        generate_kwargs={"logits_processor": LogitsProcessorList([forced])},
+        # every row stops at the token forced after its reply, whatever the model's own stop tokens are
+        generate_kwargs={"logits_processor": LogitsProcessorList([forced]), "eos_token_id": tokenizer.eos_token_id},
     )
     return [
         ReplyScore(sum(forced.logprobs[row]), len(targets[row]), forced.greedy[row], answer.token_stats)
