@@ -258,8 +258,8 @@ def get(selector_key: str, name: str) -> Method:
 
 
 def parameters() -> dict[str, Param]:
-    """Every registered parameter by name, in registration order."""
-    return dict(_PARAMS)
+    """Every registered parameter by name, selector by selector."""
+    return {p.name: p for sel in SELECTORS for p in _params_of(sel.key)}
 
 
 def defaults() -> dict[str, Any]:
@@ -285,7 +285,8 @@ def users(param_name: str) -> list[Method]:
 
 
 def validate(values: dict[str, Any]) -> None:
-    """Selectors name registered methods, every parameter passes its own check, the chosen methods' checks pass."""
+    """Selectors name registered methods and every parameter passes its own check (``check_chosen`` adds the chosen
+    methods' cross-parameter rules)."""
     for sel in SELECTORS:
         get(sel.key, values[sel.key])
     for name, param in _PARAMS.items():
@@ -370,7 +371,8 @@ def markdown_tables() -> str:
             flags = ", ".join(f"`{p.cli_flag or p.name}`" for p in method.params) or "-"
             lines.append(f"| {sel.family} | `{sel.flag}` | `{method.name}` | {method.description} | {flags} |")
     lines += ["", "| flag | config key | type | default | used by | meaning |", "|---|---|---|---|---|---|"]
-    for name, param in _PARAMS.items():
+    for param in (p for sel in SELECTORS for p in _params_of(sel.key)):
+        name = param.name
         flag = f"`{param.cli_flag}`" if param.cli_flag else "(config only)"
         kind = param.type.__name__ + (" or unset" if param.optional else "")
         if param.choices:
