@@ -23,6 +23,7 @@ class SeparatorStyle(Enum):
     MPT = auto()
     PLAIN = auto()
     LLAMA_2 = auto()
+    PHI3 = auto()
 
 
 @dataclasses.dataclass
@@ -55,6 +56,10 @@ class Conversation:
                 ret += f"{role}{_text(message)}{self.sep}" if message else role
         elif style == SeparatorStyle.LLAMA_2:
             ret = self._llama_2_prompt(messages)
+        elif style == SeparatorStyle.PHI3:  # "<|user|>\n{text}<|end|>\n", the open turn "<|assistant|>\n"
+            ret = self.system
+            for role, message in messages:
+                ret += f"{role}\n{_text(message)}{self.sep}" if message else f"{role}\n"
         elif style == SeparatorStyle.PLAIN:
             seps = [self.sep, self.sep2 or ""]  # upstream crashed on a filled answer turn (sep2 is None)
             ret = self.system
@@ -284,6 +289,15 @@ conv_hermes_2 = Conversation(
     version="hermes_2",
 )
 
+# Phi-3-vision's chat template (tokenizer_config.json of microsoft/Phi-3-vision-128k-instruct), no system turn
+conv_phi3_v = Conversation(
+    system="",
+    roles=("<|user|>", "<|assistant|>"),
+    sep_style=SeparatorStyle.PHI3,
+    sep="<|end|>\n",
+    version="phi3_v",
+)
+
 default_conversation = conv_vicuna_v1
 
 conv_templates: dict[str, Conversation] = {
@@ -305,6 +319,7 @@ conv_templates: dict[str, Conversation] = {
     "llava_llama_2": conv_llava_llama_2,
     "mpt": conv_mpt,
     "Hermes-2": conv_hermes_2,
+    "phi3_v": conv_phi3_v,
 }
 
 

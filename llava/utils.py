@@ -44,6 +44,8 @@ def default_conv_mode(model_name: str, model_config, purpose: str = "chat") -> s
     name = (model_name or "").lower()
     if model_type == "internvl_chat":  # InternVL2: the template its config.json names, for chat and evaluation alike
         return getattr(model_config, "template", None) or "Hermes-2"
+    if model_type == "phi3_v":  # Phi-3-vision: its own chat template, for chat and evaluation alike
+        return "phi3_v"
     if model_type == "llava_mistral" or "mistral" in name:
         return "mistral_instruct"
     if "34b" in name:

@@ -32,7 +32,7 @@ def test_template_names_cover_upstream_keys():
         "default", "v0", "vicuna_v0", "v1", "vicuna_v1", "llama_2", "mistral_instruct", "chatml_direct",
         "mistral_direct", "plain", "v0_plain", "llava_v0", "v0_mmtag", "llava_v1", "v1_mmtag", "llava_llama_2", "mpt",
     }  # fmt: skip
-    assert set(conv_templates) == expected | {"Hermes-2"}  # + InternVL2-1B's template (issue #22)
+    assert set(conv_templates) == expected | {"Hermes-2", "phi3_v"}  # + InternVL2-1B's and Phi-3-vision's (issue #22)
     assert default_conversation is conv_templates["vicuna_v1"] is conv_templates["v1"]
     assert conv_templates["mistral_direct"] is conv_templates["chatml_direct"]
 

@@ -217,7 +217,7 @@ def load_pretrained_model(
     folder = resolve_model_path(model_path)
     raw_config = read_config(folder)
     if is_phi3v_config(raw_config):  # Phi-3-vision's own release layout (llava/model/phi3v/loader.py)
-        return load_phi3v(folder, raw_config, load_kwargs, _overrides(pruning), model_base)
+        return load_phi3v(folder, raw_config, load_kwargs, _overrides(pruning), model_base, vision_tower)
     if is_internvl_config(raw_config):  # InternVL2's own release layout (llava/model/internvl/builder.py)
         from llava.model.internvl.builder import load_internvl  # it imports this module
 

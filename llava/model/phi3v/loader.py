@@ -15,7 +15,7 @@ and drop the file's normalizer, and with it the ``▁`` that Phi-3's legacy toke
 from __future__ import annotations
 
 import json
-import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,7 @@ from transformers import PreTrainedTokenizerFast
 from llava.model.phi3v.config import ARCHITECTURE, MODEL_TYPE, Phi3VConfigError, phi3v_config
 from llava.model.phi3v.image_processing import PREPROCESSOR_FILE, Phi3VImageProcessor
 from llava.model.phi3v.modeling import Phi3VForCausalLM
-from pruning import resolve_pruning
-
-logger = logging.getLogger(__name__)
+from pruning import PruningConfig, PruningConfigError, resolve_pruning
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -75,10 +73,16 @@ def load_phi3v(
     load_kwargs: dict[str, Any],
     pruning: dict[str, Any] | None = None,
     model_base: str | None = None,
+    vision_tower: str | None = None,
 ):
     """``(tokenizer, model, image_processor, context_len)`` for a Phi-3-vision folder, like load_pretrained_model."""
     from llava.model.builder import CheckpointError
 
+    if vision_tower is not None:
+        warnings.warn(
+            f"--vision-tower {vision_tower} is ignored: Phi-3-vision's CLIP tower is in the checkpoint {folder}",
+            stacklevel=3,
+        )
     if model_base is not None:
         raise CheckpointError(f"{folder} is a full Phi-3-vision checkpoint; --model-base {model_base} does not apply")
     if load_kwargs.get("quantization_config") is not None:
@@ -88,7 +92,9 @@ def load_phi3v(
         config = phi3v_config(raw_config, source=str(folder / "config.json"))
     except Phi3VConfigError as err:
         raise CheckpointError(str(err)) from None
-    config.pruning = resolve_pruning(getattr(config, "pruning", None), pruning).to_dict()
+    resolved = resolve_pruning(getattr(config, "pruning", None), pruning)
+    _check_visual_layer(resolved, config, folder)
+    config.pruning = resolved.to_dict()
     model, info = Phi3VForCausalLM.from_pretrained(
         folder, config=config, key_mapping=KEY_MAPPING, output_loading_info=True, **load_kwargs
     )
@@ -105,6 +111,23 @@ def load_phi3v(
     processor = Phi3VImageProcessor.from_pretrained(folder, crop_size=embed.crop_size, merged_side=embed.merged_side)
     model.eval()
     return tokenizer, model, processor, int(config.max_position_embeddings)
+
+
+def _check_visual_layer(pruning: PruningConfig, config, folder: Path) -> None:
+    """Before the weights load: every crop is scored at visual_layer whatever the rule (i* is logged with pruning
+    off too), so the layer must exist; 'inside' mode must prune before the select layer."""
+    depth = int(config.clip_config_dict()["num_hidden_layers"])
+    if not 0 <= pruning.visual_layer < depth:
+        raise PruningConfigError(
+            f"--visual-layer {pruning.visual_layer}: the CLIP tower of {folder} has {depth} layers "
+            f"(valid: 0..{depth - 1})"
+        )
+    select = config.tower_select_layer + depth + 1 if config.tower_select_layer < 0 else config.tower_select_layer
+    if pruning.visual_mode == "inside" and pruning.visual_layer > select:
+        raise PruningConfigError(
+            f"--visual-mode inside prunes at hidden_states[{pruning.visual_layer}], after the select layer "
+            f"hidden_states[{select}] of {folder}; use a --visual-layer <= {select} or --visual-mode select"
+        )
 
 
 def _stop_at_end_token(model: torch.nn.Module, tokenizer) -> None:

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# MMBench-CN (dev) on Phi-3-vision: its chat template, LLaVA's questions (see _common.sh here).
+exec bash "$(dirname "${BASH_SOURCE[0]}")/_common.sh" mmbench_cn "$@"
