@@ -422,12 +422,16 @@ def write_family(name: str, folder: Path) -> Path:
         from llava.model.tiny import write_tiny_llava_next
 
         return write_tiny_llava_next(folder, seed=0)
+    if name == "phi-3-vision":
+        from llava.model.phi3v.tiny import write_tiny_phi3v
+
+        return write_tiny_phi3v(folder)
     from llava.model.internvl.tiny import write_tiny_internvl
 
     return write_tiny_internvl(folder)
 
 
-@pytest.mark.parametrize("family", ["llava-1.6", "internvl2"])
+@pytest.mark.parametrize("family", ["llava-1.6", "internvl2", "phi-3-vision"])
 def test_other_families_score_through_the_same_path(family, tmp_path):
     """Another family plugs in through the loader, its template and default_conv_mode: nothing plugin-specific."""
     from llava.utils import default_conv_mode
