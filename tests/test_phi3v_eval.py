@@ -50,7 +50,7 @@ def test_template_is_the_releases_chat_template(tiny_phi3v):
 
 def test_visual_layer_beyond_the_tower_is_refused_before_loading(tiny_phi3v):
     with pytest.raises(PruningConfigError, match="--visual-layer 9: the CLIP tower .* has 4 layers"):
-        load_pretrained_model(str(tiny_phi3v), device="cpu", pruning={"visual_layer": 9})
+        load_pretrained_model(str(tiny_phi3v), device="cpu", pruning={"visual_pruning": "longtail", "visual_layer": 9})
 
 
 def test_every_benchmark_has_a_phi3v_script():

@@ -114,8 +114,10 @@ def load_phi3v(
 
 
 def _check_visual_layer(pruning: PruningConfig, config, folder: Path) -> None:
-    """Before the weights load: every crop is scored at visual_layer whatever the rule (i* is logged with pruning
-    off too), so the layer must exist; 'inside' mode must prune before the select layer."""
+    """Before the weights load: with stage 1 on, every crop is scored at visual_layer, so the layer must exist;
+    'inside' mode must prune before the select layer."""
+    if not pruning.visual_enabled:
+        return
     depth = int(config.clip_config_dict()["num_hidden_layers"])
     if not 0 <= pruning.visual_layer < depth:
         raise PruningConfigError(

@@ -45,12 +45,12 @@ class CropSelection:
     """The merged tokens kept from each crop of a batch of crops, before projection.
 
     ``tokens[c]`` [k_c, 4C] in raster order of the crop's merged grid, ``indices[c]`` [k_c] their positions
-    (0 .. side^2 - 1), ``inflection[c]`` the crop's i* (0 when stage 1 did not score).
+    (0 .. side^2 - 1), ``inflection[c]`` the crop's i* (None when stage 1 did not score).
     """
 
     tokens: list[torch.Tensor]
     indices: list[torch.Tensor]
-    inflection: list[int]
+    inflection: list[int | None]
 
 
 @dataclass
@@ -136,10 +136,14 @@ class Phi3VImageEmbedding(nn.Module):
         ``visual_layer`` (CLS similarity, ``pruning.cls_patch_scores``), a merged token scores the sum of its four
         patches, and the configured keep rule (``pruning.apply_strategy``) decides on each crop's curve of merged
         scores, so i* and k count merged tokens. ``crop_budget: global`` pools the crops' budgets within an image
-        (the best sum-of-k_c tokens over its crops). With ``visual_pruning: none`` every token is kept (i* is still
-        logged, as for LLaVA).
+        (the best sum-of-k_c tokens over its crops). With ``visual_pruning: none`` every token is kept and nothing is
+        scored.
         """
         context = self.vision_context(crops, pruning)
+        if not pruning.visual_enabled:  # upstream's plain path: the tower to the select layer, no scoring, no i*
+            merged = self.merge_2x2(context.features()[:, 1:])  # [N, 144, 4C]
+            positions = torch.arange(merged.shape[1], device=merged.device)
+            return CropSelection(list(merged), [positions] * merged.shape[0], [None] * merged.shape[0])
         _check_keep_rule(pruning, len(context.layers), context.select_index)
         hidden = context.hidden_states(pruning.visual_layer)  # [N, 1 + 576, D], before the select layer is run
         patch_scores = cls_patch_scores(context.layers[pruning.visual_layer], hidden, mode=pruning.visual_score)
