@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pruning.config import PruningConfig
-from pruning.strategies import apply_strategy
+from pruning.strategies import apply_strategy, scoring_config
 
 PAPER_KEPT, PAPER_N = 127, 576
 ALPHA_RULES = ("longtail", "alpha_times")
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 raise SystemExit(
                     "error: pruning.calibrate scores one crop per image; anyres checkpoints are not supported"
                 )
-            out = tower.select(pixels.to(device=tower.device, dtype=tower.dtype), config)
+            out = tower.select(pixels.to(device=tower.device, dtype=tower.dtype), scoring_config(config))
             scores.append(out.scores.float().cpu())
             inflection.append(out.inflection.cpu())
     report = calibrate(torch.cat(scores), torch.cat(inflection), config, args.target_count)

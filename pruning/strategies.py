@@ -26,6 +26,7 @@ from pruning.visual import (
     gather_patches,
     key_padding_mask,
     raster_order_indices,
+    register_vision_method,
 )
 
 VISUAL_MODES = ("select", "inside")
@@ -136,9 +137,23 @@ def apply_strategy(
     """Run the configured keep rule on scores [B, n] and enforce 1 <= k <= n whatever the rule returned.
 
     ``generator`` only matters for ``random``: pass one that lives across batches to draw a fresh pattern per batch;
-    without it each call reseeds from ``config.seed`` and repeats the same pattern.
+    without it each call reseeds from ``config.seed`` and repeats the same pattern. ``visual_pruning: none`` (not a
+    keep rule: in the tower it scores nothing) keeps all n here, ranked by the scores, for callers that score anyway.
     """
-    return _run_rule(get_keep_rule(config.visual_pruning), scores, config, generator)
+    rule = _keep_everything if config.visual_pruning == registry.NONE else get_keep_rule(config.visual_pruning)
+    return _run_rule(rule, scores, config, generator)
+
+
+def scoring_config(config: PruningConfig) -> PruningConfig:
+    """``config`` changed to keep every patch while scoring them at its ``visual_layer`` (the ratio rule at 1.0),
+    for callers that need the CLS curve and i* of every patch: ``visual_pruning: none`` scores nothing."""
+    return config.merged(visual_pruning="ratio", visual_ratio=1.0)
+
+
+def _keep_everything(
+    scores: torch.Tensor, inflection: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
+) -> KeepDecision:
+    return KeepDecision(torch.full((scores.shape[0],), scores.shape[-1], dtype=torch.long), scores)
 
 
 def _run_rule(
@@ -302,8 +317,13 @@ def random_patches(
     return KeepDecision(_clamp(_fixed_count(scores, config), scores, config), noise.to(scores.device))
 
 
-@register_keep_rule("none", description="No pruning: every patch (i* is still computed and logged).")
-def keep_all(
-    scores: torch.Tensor, inflection: torch.Tensor, config: PruningConfig, generator: torch.Generator | None
-) -> KeepDecision:
-    return KeepDecision(_clamp(scores.shape[-1], scores, config), scores)
+@register_vision_method(
+    "none", description="No pruning: upstream's plain path, every select-layer patch (no scoring, no i*)."
+)
+def keep_all(context: VisionContext) -> ReducedPatches:
+    """The tower runs to the select layer only, as upstream LLaVA's did; no layer is scored, so the tower needs no
+    ``visual_layer`` (a 12-layer ViT-B tower loads with pruning off) and the answers record no i*."""
+    patches = context.features()[:, 1:]  # [B, n, C]
+    batch, n = patches.shape[:2]
+    indices = torch.arange(n, device=patches.device).expand(batch, n)
+    return ReducedPatches(patches, torch.ones(batch, n, dtype=torch.bool, device=patches.device), indices)

@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise SystemExit("pruning.visualize shows one 336px crop; multi-crop (anyres) checkpoints are not supported")
     with torch.no_grad():
         out = tower.select(pixels.to(device=tower.device, dtype=tower.dtype), model.pruning_config)
+    if out.scores is None or out.inflection is None:
+        raise SystemExit(
+            f"error: --visual-pruning {model.pruning_config.visual_pruning} scores no patches; the curve needs a "
+            "CLS-score keep rule (longtail, topk, ratio, alpha_times, random)"
+        )
     n, inflection, kept = int(out.n[0]), int(out.inflection[0]), int(out.kept[0])
     out_dir = Path(args.out)
     curve = plot_similarity_curve(out.scores[0], inflection, kept, out_dir / "curve.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from llava.eval import run_llava
 from llava.serve import cli
 from llava.utils import USER_ERROR_STATUS
-from tests.conftest import REPO
+from tests.conftest import REPO, random_image
 
 DEMO = REPO / "playground" / "checkpoints" / "llava-v1.5-demo"
 IMAGE = REPO / "playground" / "demo" / "images" / "green_triangle.png"
@@ -90,3 +91,23 @@ def test_a_corrupt_question_line_names_line_and_column_even_with_skip_errors(tmp
     with pytest.raises(SystemExit):
         model_vqa_loader.main(["--help"])
     assert "a line that is not JSON at all still stops the run" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_shallow_tower_loads_and_answers_with_pruning_off(tmp_path, capsys) -> None:
+    """Issue #19 item 4: with pruning off the tower runs upstream's plain path (no layer scored), so a tower with
+    fewer layers than the config's visual_layer (a 12-layer ViT-B under visual_layer 16) loads and answers."""
+    from llava.model.builder import load_pretrained_model
+    from llava.model.tiny import write_tiny_llava
+
+    ckpt = write_tiny_llava(tmp_path / "llava-shallow", pruning={"visual_layer": 16})  # the tiny tower has 4 layers
+    _, model, _, _ = load_pretrained_model(str(ckpt), device="cpu")
+    assert model.pruning_config.visual_layer == 16 and not model.pruning_config.visual_enabled
+    image = tmp_path / "img.png"
+    random_image(0).save(image)
+    argv = ["--model-path", str(ckpt), "--device", "cpu", "--image-file", str(image), "--query", "Colour?"]
+    run_llava.main([*argv, "--max_new_tokens", "2", "--show-tokens", "--visual-layer", "99"])
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["visual_before"] == stats["visual_after"] == 64 and stats["inflection"] is None
+    # stage 1 on such a tower still needs a layer to score: named before the model loads
+    with pytest.raises(SystemExit, match="--visual-layer 16: the vision tower .* has 4 layers"):
+        run_llava.main([*argv, "--visual-pruning", "longtail"])

@@ -263,7 +263,7 @@ def test_global_budget_pools_the_per_crop_budgets_over_the_best_tokens(next_mode
     with torch.no_grad():
         per_crop = select_crop_tokens(tower, projector, crops, counts, topk)
         pooled = select_crop_tokens(tower, projector, crops, counts, topk.merged(crop_budget="global"))
-        scores = tower.select(crops, PruningConfig(visual_layer=2)).scores
+        scores = tower.select(crops, PruningConfig(visual_pruning="ratio", visual_ratio=1.0, visual_layer=2)).scores
     start, moved = 0, False
     for count, a, b in zip(counts, per_crop, pooled):
         kept_a = [len(i) for i in a.indices]

@@ -29,8 +29,9 @@ def long_tail_batch(batch: int, n: int, seed: int) -> torch.Tensor:
 
 
 def test_registry_holds_exactly_the_configurable_names() -> None:
-    builtin = {"longtail", "topk", "ratio", "alpha_times", "random", "none"}
+    builtin = {"longtail", "topk", "ratio", "alpha_times", "random"}
     assert builtin <= set(keep_rule_names()) <= set(registry.names("visual_pruning"))
+    assert "none" in registry.names("visual_pruning") and "none" not in keep_rule_names()  # the plain path
     for name in keep_rule_names():
         assert PruningConfig(visual_pruning=name, visual_topk=3).visual_pruning == name
     with pytest.raises(PruningConfigError, match="unknown visual_pruning 'bogus'"):

@@ -263,11 +263,19 @@ def test_raster_order_indices_ties_and_padding() -> None:
 
 def test_bad_layers_are_named(tower: CLIPVisionModel, pixels: torch.Tensor) -> None:
     with pytest.raises(ValueError, match=r"visual_layer 4 needs encoder.layers\[4\].*4 layers"):
-        run(tower, pixels, visual_layer=4)
+        run(tower, pixels, visual_pruning="longtail", visual_layer=4)
+    # pruning off is upstream's plain path: nothing is scored, so any visual_layer is fine (a shallow tower loads)
+    plain = run(tower, pixels, visual_layer=4)
+    assert plain.kept.tolist() == [plain.n[0].item()] * 4 and plain.inflection is None and plain.scores is None
     with pytest.raises(ValueError, match="select_layer -6 is out of range"):
         select_visual_tokens(tower, pixels, PruningConfig(visual_layer=1), select_layer=-6)
     with pytest.raises(ValueError, match="after the select layer"):
-        select_visual_tokens(tower, pixels, PruningConfig(visual_layer=3, visual_mode="inside"), select_layer=2)
+        select_visual_tokens(
+            tower,
+            pixels,
+            PruningConfig(visual_pruning="topk", visual_topk=3, visual_layer=3, visual_mode="inside"),
+            select_layer=2,
+        )
     with pytest.raises(ValueError, match="unknown select_feature 'cls'"):
         select_visual_tokens(tower, pixels, PruningConfig(), select_feature="cls")
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from llava.mm_utils import get_anyres_image_grid_shape
 from pruning import PruningConfig
-from pruning.strategies import apply_strategy, is_keep_rule
+from pruning.strategies import apply_strategy, is_keep_rule, scoring_config
 
 MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
 
@@ -162,7 +162,7 @@ def _select_by_scores(
             "crop_budget 'global' ranks tokens across crops after scoring them, which needs visual_mode 'select' "
             f"(got {pruning.visual_mode!r})"
         )
-    full = tower.select(crops, pruning.merged(visual_pruning="none"))  # every patch, raster order, with scores
+    full = tower.select(crops, scoring_config(pruning))  # every patch, raster order, with scores
     generator = tower.random_generator(pruning)  # 'random': one stream, a new draw for every crop and batch
     num_crops, n = full.scores.shape
     device = full.scores.device

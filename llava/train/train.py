@@ -35,6 +35,7 @@ from llava.train.callbacks import PruningLogCallback
 from llava.train.data import BAD_SAMPLE_POLICIES, LazySupervisedDataset, SupervisedCollator, training_template
 from llava.train.llava_trainer import LLaVATrainer
 from pruning import PruningConfig, add_pruning_args, pruning_overrides, resolve_pruning
+from pruning.strategies import is_keep_rule
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +288,10 @@ def build_model(
         llava.get_vision_tower().requires_grad_(model_args.unfreeze_mm_vision_tower)
         # a tower tuned now or before (the base's) is not the CLIP folder's: the checkpoints must carry it
         llava.config.unfreeze_mm_vision_tower = model_args.unfreeze_mm_vision_tower or tuned_tower_in is not None
-        layer = scoring_layer(llava, config_pruning)
-        if is_deepspeed_zero3_enabled():
-            register_with_zero3(model, layer)
+        if is_keep_rule(config_pruning.visual_pruning):  # pruning off runs the plain tower: no layer is scored
+            layer = scoring_layer(llava, config_pruning)
+            if is_deepspeed_zero3_enabled():
+                register_with_zero3(model, layer)
     return model, tokenizer, config_pruning
 
 

@@ -122,7 +122,7 @@ class InternVLChatModel(PreTrainedModel):
         )
         kept = tiles.kept.tolist()
         per_tile = list(torch.split(self.mlp1(tiles.features[tiles.mask]), kept))  # [k_t, hidden] each
-        inflection = tiles.inflection.tolist()
+        inflection = tiles.inflection.tolist() if tiles.inflection is not None else [None] * len(kept)
         result = ImageFeatures(features=[], n=[], kept=[], inflection=[], extra=[])
         start = 0
         for count in counts:

@@ -40,8 +40,8 @@ class TileTokens:
     indices: torch.Tensor  # [T, k_max] merged-token index 0..n-1, -1 on padding
     n: int  # merged tokens per tile
     kept: torch.Tensor  # [T] int64
-    inflection: torch.Tensor  # [T] int64, i* of the merged scores (computed whatever the rule)
-    scores: torch.Tensor  # [T, n] fp32 merged scores
+    inflection: torch.Tensor | None  # [T] int64, i* of the merged scores (None with pruning off: nothing scored)
+    scores: torch.Tensor | None  # [T, n] fp32 merged scores (None with pruning off)
 
 
 def pixel_shuffle(features: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
@@ -88,6 +88,8 @@ def select_tile_tokens(
     ``tiles_per_image`` (consecutive tiles per image) is needed only by ``crop_budget='global'``. With pruning off
     the features are the official ``extract_feature``'s before ``mlp1``, every token kept.
     """
+    if not pruning.visual_enabled:
+        return _plain_tile_tokens(vision_model, pixel_values, select_layer, downsample_ratio)
     if not is_keep_rule(pruning.visual_pruning):
         raise ValueError(
             f"--visual-pruning {pruning.visual_pruning} is not available on InternVL2: only the CLS-score keep rules "
@@ -149,6 +151,33 @@ def select_tile_tokens(
         kept=kept,
         inflection=decision.inflection,
         scores=scores,
+    )
+
+
+def _plain_tile_tokens(
+    vision_model: InternVisionModel, pixel_values: torch.Tensor, select_layer: int, downsample_ratio: float
+) -> TileTokens:
+    """Pruning off: the official ``extract_feature`` path (layers up to the select layer, pixel shuffle), no layer
+    scored and so no ``visual_layer`` needed, every merged token kept, no i*."""
+    layers = vision_model.encoder.layers
+    select_index = select_layer if select_layer >= 0 else len(layers) + 1 + select_layer
+    if not 1 <= select_index <= len(layers):
+        raise ValueError(f"select_layer {select_layer} names no layer of a {len(layers)}-layer InternViT")
+    hidden = vision_model.embeddings(pixel_values)
+    for layer in layers[:select_index]:
+        hidden = layer(hidden)
+    side = round((hidden.shape[1] - 1) ** 0.5)
+    shuffled = pixel_shuffle(hidden[:, 1:].reshape(hidden.shape[0], side, side, -1), downsample_ratio)
+    features = shuffled.reshape(shuffled.shape[0], -1, shuffled.shape[-1])  # [T, n, m*m*C]
+    tiles, n = features.shape[:2]
+    return TileTokens(
+        features=features,
+        mask=torch.ones(tiles, n, dtype=torch.bool, device=features.device),
+        indices=torch.arange(n, device=features.device).expand(tiles, n),
+        n=n,
+        kept=torch.full((tiles,), n, dtype=torch.long, device=features.device),
+        inflection=None,
+        scores=None,
     )
 
 

@@ -33,7 +33,7 @@ class TowerOutput:
     indices: torch.Tensor  # [num_images, k_max] patch index of each kept token, -1 on padding
     n: torch.Tensor  # [num_images] patch tokens before stage 1
     kept: torch.Tensor  # [num_images] patch tokens after stage 1
-    inflection: torch.Tensor  # [num_images] i* (1-based), computed even when nothing is pruned
+    inflection: torch.Tensor | None  # [num_images] i* (1-based) of a scoring method; None with pruning off
     scores: torch.Tensor | None  # [num_images, n] CLS similarity, fp32
 
 
