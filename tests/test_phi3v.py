@@ -22,6 +22,7 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.inference import generate_answers
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.model.phi3v.loader import load_phi3v_tokenizer
 from llava.model.phi3v.modeling import bos_after_images
 from llava.model.phi3v.tiny import write_tiny_phi3v
 from tests.conftest import random_image
@@ -327,6 +328,26 @@ def test_loads_the_release_layout(phi3v, phi3v_ckpt):
     # the legacy tokenizer.json is read as is: a ▁ after every special token, as the release tokenizes
     ids = tokenizer("<|user|>\nHi<|end|>").input_ids
     assert tokenizer.convert_ids_to_tokens(ids)[:3] == ["<s>", "<|user|>", "▁"]
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_bos_follows_tokenizer_config_as_llama_tokenizer_fast_did(phi3v_ckpt, tmp_path, add_bos):
+    """transformers 4.38's LlamaTokenizerFast rebuilt the post-processor from add_bos_token whatever tokenizer.json
+    held; so does our loader (transformers 5's generic backend would follow the file)."""
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(phi3v_ckpt / name, folder / name)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["add_bos_token"] = add_bos
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ids = load_phi3v_tokenizer(folder)("<|user|>\nHi").input_ids
+    assert (ids[0] == 1) is add_bos and ids[int(add_bos)] == load_phi3v_tokenizer(folder).convert_tokens_to_ids(
+        "<|user|>"
+    )
 
 
 def _copy(folder, tmp_path, name):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
 from llava.model.phi3v.config import ARCHITECTURE, MODEL_TYPE, Phi3VConfigError, phi3v_config
@@ -29,6 +30,7 @@ from pruning import PruningConfig, PruningConfigError, resolve_pruning
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # transformers 5's CLIPVisionModel has no inner `vision_model.` level; the release (transformers 4.38) has one
 KEY_MAPPING = {
     r"^model\.vision_embed_tokens\.img_processor\.vision_model\.": "model.vision_embed_tokens.img_processor."
@@ -61,10 +63,34 @@ def check_phi3v_folder(folder: Path) -> None:
 
 
 def load_phi3v_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """``tokenizer.json`` as it is, with BOS / EOS added as transformers 4.38's ``LlamaTokenizerFast`` (the official
+    processor's tokenizer) added them: from ``add_bos_token`` / ``add_eos_token`` in ``tokenizer_config.json``
+    (defaults true / false), whatever post-processor the file holds. transformers 5's generic backend would only
+    follow the file."""
     path = folder / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"Phi-3-vision checkpoint {folder} has no {TOKENIZER_FILE}")
-    return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    config_file = folder / TOKENIZER_CONFIG_FILE
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    _llama_fast_post_processor(tokenizer, config.get("add_bos_token", True), config.get("add_eos_token", False))
+    return tokenizer
+
+
+def _llama_fast_post_processor(tokenizer: PreTrainedTokenizerFast, add_bos: bool, add_eos: bool) -> None:
+    """LlamaTokenizerFast.update_post_processor of transformers 4.38: "<s> $A", and "$A </s>" with add_eos."""
+    from llava.model.builder import CheckpointError
+
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    if (add_bos and bos is None) or (add_eos and eos is None):
+        raise CheckpointError(f"tokenizer_config.json asks for a BOS/EOS token the tokenizer lacks ({bos!r}, {eos!r})")
+    single = " ".join([*([f"{bos}:0"] if add_bos else []), "$A:0", *([f"{eos}:0"] if add_eos else [])])
+    pair = " ".join([single, *([f"{bos}:1"] if add_bos else []), "$B:1", *([f"{eos}:1"] if add_eos else [])])
+    special = [(bos, tokenizer.bos_token_id)] if add_bos else []
+    special += [(eos, tokenizer.eos_token_id)] if add_eos else []
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=special
+    )
 
 
 def load_phi3v(
