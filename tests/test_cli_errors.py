@@ -111,3 +111,28 @@ def test_a_shallow_tower_loads_and_answers_with_pruning_off(tmp_path, capsys) ->
     # stage 1 on such a tower still needs a layer to score: named before the model loads
     with pytest.raises(SystemExit, match="--visual-layer 16: the vision tower .* has 4 layers"):
         run_llava.main([*argv, "--visual-pruning", "longtail"])
+
+
+def test_loading_a_release_checkpoint_reports_nothing_alarming() -> None:
+    """Issue #19 item 3: the tower weights released checkpoints carry (model.vision_tower.*) and the text tower of a
+    full CLIP folder are expected when loading; no UNEXPECTED load report for them."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from llava.model.builder import checkpoint_tensors, load_pretrained_model
+
+    assert checkpoint_tensors(DEMO, "model.vision_tower.")  # the release layout carries the tower ...
+    records: list[str] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = hf_logging.get_logger("transformers")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # what a user sees by default
+    logger.addHandler(handler)
+    try:
+        load_pretrained_model(str(DEMO), device="cpu")
+    finally:
+        logger.removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
+    assert not [r for r in records if "UNEXPECTED" in r or "LOAD REPORT" in r], records  # ... and says nothing of it

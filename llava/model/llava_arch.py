@@ -125,6 +125,10 @@ class LlavaMetaForCausalLM:
     and hands everything else to that class's ``forward``.
     """
 
+    # Released LLaVA checkpoints carry the vision tower's weights (model.vision_tower.*) although the tower is built
+    # from its own folder after loading (and a tuned tower read from the checkpoint then): expected, not reported.
+    _keys_to_ignore_on_load_unexpected = [r"^model\.vision_tower\."]
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

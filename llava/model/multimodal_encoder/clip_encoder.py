@@ -14,10 +14,30 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from llava.mm_utils import check_image_processor_backend, load_image_processor
 from llava.utils import looks_like_hub_id
 from pruning import PruningConfig, select_visual_tokens
+
+
+class CLIPVisionTowerModel(CLIPVisionModel):
+    """transformers' CLIPVisionModel, loading quietly from a full CLIP folder (openai/clip-vit-large-patch14-336 holds
+    the text tower and both projections too: expected, not an alarming load report)."""
+
+    _keys_to_ignore_on_load_unexpected = [
+        r"^text_model\.",
+        r"^text_projection\.",
+        r"^visual_projection\.",
+        r"^logit_scale$",
+    ]
+
+
+# transformers 5 finds how to read a checkpoint's names (it drops CLIPVisionModel's "vision_model." level) by class
+# name: the subclass reads them as its parent does
+register_checkpoint_conversion_mapping(
+    CLIPVisionTowerModel.__name__, get_checkpoint_conversion_mapping(CLIPVisionModel.__name__)
+)
 
 
 class VisionTowerError(OSError):
@@ -81,7 +101,7 @@ class CLIPVisionTower(nn.Module):
         )
         try:
             self.image_processor = load_image_processor(path, self.image_processor_backend)
-            self.vision_tower = CLIPVisionModel.from_pretrained(
+            self.vision_tower = CLIPVisionTowerModel.from_pretrained(
                 path, device_map=device_map, dtype=dtype, attn_implementation=attn
             )
         except OSError as err:
