@@ -173,14 +173,21 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Score the images of a question file with the checkpoint's tower, then print and optionally save the report."""
+    """Score the images of a question file with the checkpoint's tower, then print and optionally save the report.
+    Bad input ends with one ``error:`` line, before the model loads."""
+    from llava.utils import run_entry_point
+
+    return run_entry_point(_calibrate, argv)
+
+
+def _calibrate(argv: list[str] | None) -> dict[str, Any]:
     import argparse
     import json
     from pathlib import Path
 
     from llava.eval.runner import RunnerInputError
     from llava.mm_utils import load_image, process_images
-    from llava.utils import add_model_args, load_from_args, quiet_transformers
+    from llava.utils import add_model_args, check_before_loading, load_from_args, quiet_transformers
     from pruning.config import add_pruning_args, pruning_overrides
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     missing = [n for n in names if not (Path(args.image_folder) / n).is_file()]
     if missing:
         raise SystemExit(f"error: --image-folder {args.image_folder}: {len(missing)} images missing, e.g. {missing[0]}")
+    check_before_loading(args, pruning_overrides(args))
     quiet_transformers()
     _, model, processor, _ = load_from_args(args, pruning_overrides(args))
     tower, config = model.get_vision_tower(), model.pruning_config

@@ -103,12 +103,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
     """``python -m pruning.visualize --model-path P --image-file F --out DIR``: Fig. 3 and Fig. 6 for one image.
 
     The one place in ``pruning`` that loads a model: the import of ``llava`` happens here, inside the command, so the
-    algorithms above stay independent of it.
+    algorithms above stay independent of it. Bad input ends with one ``error:`` line, before the model loads.
     """
+    from llava.utils import run_entry_point
+
+    return run_entry_point(_visualize, argv)
+
+
+def _visualize(argv: list[str] | None) -> list[Path]:
     import argparse
 
     from llava.mm_utils import load_image, process_images
-    from llava.utils import add_model_args, load_from_args, quiet_transformers
+    from llava.utils import add_model_args, check_before_loading, load_from_args, quiet_transformers
     from pruning.config import add_pruning_args, pruning_overrides
 
     parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,10 +125,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     overrides = pruning_overrides(args)
     overrides.setdefault("visual_pruning", "longtail")
+    image = load_image(args.image_file)  # bad input fails before the model loads
+    check_before_loading(args, overrides)
     quiet_transformers()
     _, model, processor, _ = load_from_args(args, overrides)
     tower = model.get_vision_tower()
-    pixels = process_images([load_image(args.image_file)], processor, model.config)
+    pixels = process_images([image], processor, model.config)
     if isinstance(pixels, list) or pixels.ndim != 4:
         raise SystemExit("pruning.visualize shows one 336px crop; multi-crop (anyres) checkpoints are not supported")
     with torch.no_grad():

@@ -136,3 +136,24 @@ def test_loading_a_release_checkpoint_reports_nothing_alarming() -> None:
         logger.removeHandler(handler)
         hf_logging.set_verbosity(verbosity)
     assert not [r for r in records if "UNEXPECTED" in r or "LOAD REPORT" in r], records  # ... and says nothing of it
+
+
+@pytest.mark.parametrize("tool", ["visualize", "calibrate"])
+def test_pruning_tools_name_bad_values_before_loading(tool, tmp_path, capsys, no_model_loading, monkeypatch) -> None:
+    import importlib
+
+    import llava.utils
+
+    module = importlib.import_module(f"pruning.{tool}")
+    monkeypatch.setattr(llava.utils, "load_from_args", lambda *a, **k: pytest.fail("model loaded"))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "image": "green_triangle.png", "text": "?"}\n')
+    common = ["--model-path", str(DEMO), "--device", "cpu", "--alpha", "0", "--visual-pruning", "longtail"]
+    extra = {
+        "visualize": ["--image-file", str(IMAGE), "--out", str(tmp_path / "figs")],
+        "calibrate": ["--question-file", str(questions), "--image-folder", str(IMAGE.parent)],
+    }[tool]
+    with pytest.raises(SystemExit) as stop:
+        module.main([*common, *extra])
+    assert stop.value.code == USER_ERROR_STATUS
+    assert capsys.readouterr().err.strip() == "error: alpha must be in (0, 1], got 0.0 (--alpha)"
