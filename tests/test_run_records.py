@@ -330,3 +330,13 @@ def test_scripts_find_python3_pass_no_template_and_say_whether_a_rerun_helps(tmp
         assert "rerun the script to resume" in done.stderr
     subprocess.run(["bash", str(SCRIPTS / "pope.sh")], env={**env, "CONV_MODE": "llava_v1"}, check=False)
     assert "--conv-mode llava_v1" in (tmp_path / "calls.log").read_text().splitlines()[-1]
+
+
+def test_a_record_from_before_a_parameter_existed_still_matches_its_default() -> None:
+    from pruning import PruningConfig
+
+    now = PruningConfig(visual_pruning="longtail").to_dict()
+    older = {k: v for k, v in now.items() if k != "llm_pruning"}  # written before --llm-pruning existed
+    assert run_record.differences({"pruning": older}, {"pruning": now}) == []
+    other = {**now, "alpha": 0.5}
+    assert run_record.differences({"pruning": older}, {"pruning": other}) == ["pruning.alpha: 0.24 -> 0.5"]

@@ -141,11 +141,26 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def with_pruning_defaults(pruning: Any) -> Any:
+    """A recorded pruning config with every parameter registered since filled in at its default, so a record written
+    before a method or parameter existed (e.g. ``llm_pruning``) still matches a run that leaves it at its default."""
+    from pruning import PruningConfig, PruningConfigError
+
+    if not isinstance(pruning, dict):
+        return pruning
+    try:
+        return PruningConfig.from_dict(pruning, source="run record").to_dict()
+    except PruningConfigError:
+        return pruning  # a parameter since removed: compared as written
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``name: old -> new`` for every compared setting that differs (nested mappings key by key)."""
     found = []
     for key in COMPARED:
         before, after = old.get(key), new.get(key)
+        if key == "pruning":
+            before, after = with_pruning_defaults(before), with_pruning_defaults(after)
         if isinstance(before, dict) and isinstance(after, dict):
             for sub in sorted(set(before) | set(after)):
                 if before.get(sub) != after.get(sub):
