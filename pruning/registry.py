@@ -58,7 +58,8 @@ class Param:
     """One setting of a method: a key of the ``pruning`` config section and (unless ``flag=""``) a CLI flag.
 
     ``check`` gets a value of the right type and returns what is wrong with it, or None; ``choices`` restricts a
-    ``str`` parameter; ``optional`` allows None ("unset"). ``flag`` defaults to ``--`` + name with dashes.
+    ``str`` parameter; ``optional`` allows None ("unset"). ``flag`` defaults to ``--`` + name with dashes;
+    ``aliases`` are further flags that set the same key (an old name kept working), named nowhere else.
     """
 
     name: str
@@ -69,6 +70,7 @@ class Param:
     choices: tuple[str, ...] | None = None
     optional: bool = False
     flag: str | None = None
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -77,6 +79,13 @@ class Param:
             raise ValueError(f"parameter {self.name!r}: type must be one of int, float, str, bool, got {self.type}")
         if self.flag and not self.flag.startswith("--"):
             raise ValueError(f"parameter {self.name!r}: flag {self.flag!r} must start with '--'")
+        if self.aliases and self.cli_flag is None:
+            raise ValueError(f"parameter {self.name!r}: a config-only key (flag='') takes no aliases")
+        for alias in self.aliases:
+            if not alias.startswith("--") or alias == self.cli_flag:
+                raise ValueError(
+                    f"parameter {self.name!r}: alias {alias!r} must start with '--' and differ from the flag"
+                )
         self.validate(self.default)  # a default that fails its own check is a bug of the method
 
     @property
@@ -84,6 +93,11 @@ class Param:
         if self.flag == "":
             return None
         return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def cli_flags(self) -> tuple[str, ...]:
+        """The flag and its aliases (empty for a config-only key)."""
+        return () if self.cli_flag is None else (self.cli_flag, *self.aliases)
 
     def validate(self, value: Any) -> None:
         """Raise ``PruningConfigError`` naming the key and its flag: "alpha must be in (0, 1], got 0.0 (--alpha)"."""
@@ -233,10 +247,10 @@ def _check_new_param(param: Param, owner: str) -> None:
             f"{owner}: parameter {param.name!r} is already declared differently by another method; to share it, "
             "list the same Param object"
         )
-    flag = param.cli_flag
-    taken = {p.cli_flag: p.name for p in _PARAMS.values() if p.cli_flag} | {s.flag: s.key for s in SELECTORS}
-    if flag is not None and taken.get(flag, param.name) != param.name:
-        raise ValueError(f"{owner}: flag {flag} of parameter {param.name!r} already belongs to {taken[flag]!r}")
+    taken = {flag: p.name for p in _PARAMS.values() for flag in p.cli_flags} | {s.flag: s.key for s in SELECTORS}
+    for flag in param.cli_flags:
+        if taken.get(flag, param.name) != param.name:
+            raise ValueError(f"{owner}: flag {flag} of parameter {param.name!r} already belongs to {taken[flag]!r}")
 
 
 # ---- lookups --------------------------------------------------------------------------------------------------------
@@ -321,7 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     shared_group = parser.add_argument_group(f"{sel.flag} {', '.join(names_)}", "shared flags")
                     for param in params:
                         shared_group.add_argument(
-                            param.cli_flag, dest=param.name, default=None, **_argparse_kwargs(param)
+                            *param.cli_flags, dest=param.name, default=None, **_argparse_kwargs(param)
                         )
                 introduced.update(p.name for p in method.params)
                 text = method.description
@@ -331,7 +345,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                 for param in method.params:
                     if param.cli_flag and param not in shared:
                         method_group.add_argument(
-                            param.cli_flag, dest=param.name, default=None, **_argparse_kwargs(param)
+                            *param.cli_flags, dest=param.name, default=None, **_argparse_kwargs(param)
                         )
     return parser
 
@@ -373,7 +387,7 @@ def markdown_tables() -> str:
     lines += ["", "| flag | config key | type | default | used by | meaning |", "|---|---|---|---|---|---|"]
     for param in (p for sel in SELECTORS for p in _params_of(sel.key)):
         name = param.name
-        flag = f"`{param.cli_flag}`" if param.cli_flag else "(config only)"
+        flag = ", ".join(f"`{f}`" for f in param.cli_flags) or "(config only)"
         kind = param.type.__name__ + (" or unset" if param.optional else "")
         if param.choices:
             kind = " / ".join(f"`{c}`" for c in param.choices)

@@ -53,7 +53,16 @@ KEEP_RULE_PARAMS = (VISUAL_LAYER, VISUAL_MIN_KEEP, VISUAL_SCORE, VISUAL_MODE, CR
 ALPHA = Param(
     "alpha", float, 0.24, "smoothing coefficient: keep k = ceil(i*/alpha)", check=in_range(0, 1, low_open=True)
 )
-VISUAL_TOPK = Param("visual_topk", int, None, "kept patches per image (crop)", check=at_least(1), optional=True)
+VISUAL_TOPK = Param(  # the common budget of the fixed-budget vision-side methods (pruning/baselines too)
+    "visual_topk",
+    int,
+    None,
+    "visual tokens per image (per crop for LLaVA-1.6) that fixed-budget methods keep",
+    check=at_least(1),
+    optional=True,
+    flag="--visual-tokens",
+    aliases=("--visual-topk",),
+)
 VISUAL_RATIO = Param(
     "visual_ratio", float, None, "kept fraction of the patches", check=in_range(0, 1, low_open=True), optional=True
 )
@@ -231,13 +240,14 @@ def _fixed_count(scores: torch.Tensor, config: PruningConfig) -> int:
 
 def _needs_topk(config: PruningConfig) -> None:
     if config.visual_topk is None:
-        raise PruningConfigError(f"visual_pruning='topk' needs visual_topk >= 1 (--visual-topk), got {None!r}")
+        raise PruningConfigError(f"visual_pruning='topk' needs visual_topk >= 1 ({VISUAL_TOPK.cli_flag}), got {None!r}")
 
 
 def _needs_a_count(config: PruningConfig) -> None:
     if config.visual_ratio is None and config.visual_topk is None:
         raise PruningConfigError(
-            f"visual_pruning={config.visual_pruning!r} needs visual_ratio (--visual-ratio) or visual_topk (--visual-topk)"
+            f"visual_pruning={config.visual_pruning!r} needs visual_ratio (--visual-ratio) or visual_topk "
+            f"({VISUAL_TOPK.cli_flag})"
         )
 
 

@@ -77,6 +77,8 @@ class VisionContext:
     select_index: int  # hidden_states index of the features LLaVA feeds the projector (0..num_layers)
     generator: torch.Generator | None = None  # held by the caller across batches, for methods that draw
     text: Sequence[str] | None = None  # the question per image, when the caller passes it (None otherwise)
+    select_feature: str = "patch"  # "cls_patch": select_visual_tokens puts the select layer's CLS first
+    projector: Callable[[torch.Tensor], torch.Tensor] | None = None  # [.., C] -> LLM space, when the caller passes it
     _states: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -152,19 +154,21 @@ def select_visual_tokens(
     select_feature: str = "patch",
     generator: torch.Generator | None = None,
     text: Sequence[str] | None = None,
+    projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> VisualSelection:
     """Run the CLIP vision tower on pixel_values [B, 3, H, W] with the configured vision-side method.
 
     ``vision_model`` is duck-typed: transformers' ``CLIPVisionModel`` (5.x: embeddings, pre_layrnorm, encoder.layers
     on the model itself) or anything with a ``.vision_model`` that has them. ``generator`` feeds methods that draw
-    (see ``pruning.strategies.apply_strategy``). Gradients flow into the kept features (a gather); wrap the call in
-    ``torch.no_grad()`` for a frozen tower.
+    (see ``pruning.strategies.apply_strategy``); ``projector`` (the model's multimodal projector) feeds methods that
+    compare tokens in the LLM's input space (DivPrune). Gradients flow into the kept features (a gather); wrap the call
+    in ``torch.no_grad()`` for a frozen tower.
     """
     if select_feature not in SELECT_FEATURES:
         raise ValueError(f"unknown select_feature {select_feature!r}; choose one of {', '.join(SELECT_FEATURES)}")
     tower = getattr(vision_model, "vision_model", vision_model)
     select_index = resolve_select_layer(select_layer, len(tower.encoder.layers))
-    context = VisionContext(tower, pixel_values, config, select_index, generator, text)
+    context = VisionContext(tower, pixel_values, config, select_index, generator, text, select_feature, projector)
     method = config.method("visual_pruning")
     reduced = method.implementation(context)
     kept = _check_reduced(reduced, method.name, pixel_values.shape[0], context.num_patches)

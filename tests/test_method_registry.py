@@ -86,14 +86,14 @@ def test_describe_and_views_are_as_before() -> None:
     ("section", "message"),
     [
         ({"alpha": 1.5}, r"cfg\.json: alpha must be in \(0, 1\], got 1\.5 \(--alpha\)"),
-        ({"visual_topk": 0}, r"cfg\.json: visual_topk must be >= 1, got 0 \(--visual-topk\)"),
+        ({"visual_topk": 0}, r"cfg\.json: visual_topk must be >= 1, got 0 \(--visual-tokens\)"),
         ({"visual_layer": "16"}, r"visual_layer must be an integer, got '16' \(--visual-layer\)"),
         ({"heavy_ratio": float("nan")}, r"heavy_ratio must be a finite number, got nan \(--heavy-ratio\)"),
         ({"visual_score": "cosine"}, r"visual_score must be one of full, heads, got 'cosine' \(--visual-score\)"),
         ({"visual_pruning": "magic"}, r"unknown visual_pruning 'magic'; choose one of longtail, .*none"),
         ({"llm_pruning": "fastv"}, r"unknown llm_pruning 'fastv'; choose one of none"),
         ({"toy_keep": 3}, r"cfg\.json: unknown pruning keys \['toy_keep'\]; known keys are \["),
-        ({"visual_pruning": "topk"}, r"visual_pruning='topk' needs visual_topk >= 1 \(--visual-topk\)"),
+        ({"visual_pruning": "topk"}, r"visual_pruning='topk' needs visual_topk >= 1 \(--visual-tokens\)"),
         ({"kv_pruning": "h2o", "heavy_budget": 2}, r"heavy_budget and recent_budget must be given together"),
     ],
 )

@@ -132,7 +132,7 @@ def select_crop_tokens(
     else:
         # nothing pruned, or per-crop pruning where no padding must be avoided (or 'inside' mode, or a method that is
         # not a keep rule, which decide inside the tower and so cannot see the padding: unpad drops what they keep of it)
-        out = tower.select(crops, pruning)
+        out = tower.select(crops, pruning, projector)
         flat_features, flat_indices = out.features[out.mask], out.indices[out.mask]  # [sum k, C], [sum k]
         kept = out.kept.tolist()
         inflection = out.inflection.tolist() if out.inflection is not None else [None] * len(kept)

@@ -188,8 +188,9 @@ class LlavaMetaForCausalLM:
     # ---- images ----------------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor, pruning: PruningConfig | None = None) -> ImageFeatures:
         """[num_images, 3, H, W] -> projected, per-image kept features."""
-        out = self.get_vision_tower().select(images, pruning or self.pruning_config)
-        projected = self.get_model().mm_projector(out.features)
+        projector = self.get_model().mm_projector
+        out = self.get_vision_tower().select(images, pruning or self.pruning_config, projector)
+        projected = projector(out.features)
         kept = out.kept.tolist()
         return ImageFeatures(
             features=[projected[i, : kept[i]] for i in range(len(kept))],

@@ -113,8 +113,11 @@ class CLIPVisionTower(nn.Module):
         self.is_loaded = True
 
     # ---- forward ---------------------------------------------------------------------------------------------
-    def select(self, images: torch.Tensor, pruning: PruningConfig | None = None) -> TowerOutput:
-        """Run the tower on [num_images, 3, H, W] and return the kept select-layer features."""
+    def select(
+        self, images: torch.Tensor, pruning: PruningConfig | None = None, projector: nn.Module | None = None
+    ) -> TowerOutput:
+        """Run the tower on [num_images, 3, H, W] and return the kept select-layer features (still unprojected;
+        ``projector`` is there for methods that compare tokens in the LLM's input space)."""
         if not self.is_loaded:
             raise VisionTowerError(f"vision tower {self.vision_tower_name!r} is not loaded; call load_model() first")
         pruning = pruning or self.pruning
@@ -127,6 +130,7 @@ class CLIPVisionTower(nn.Module):
                 select_layer=self.select_layer,
                 select_feature=self.select_feature,
                 generator=self.random_generator(pruning),
+                projector=projector,
             )
         return TowerOutput(
             features=selection.features.to(images.dtype),
