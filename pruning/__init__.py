@@ -1,10 +1,10 @@
 """Model-agnostic token-reduction methods (torch only; never imports llava), in one registry with two families:
-vision side (pruning/visual.py; stage 1's keep rules in pruning/strategies.py) and LLM side (pruning/llm.py; stage 2's
-KV eviction in pruning/kv_cache.py + pruning/h2o.py). Importing the package registers the built-in methods.
-See docs/method.md and docs/architecture.md.
+vision side (pruning/visual.py; stage 1's keep rules in pruning/strategies.py, other papers' methods in
+pruning/baselines/) and LLM side (pruning/llm.py; stage 2's KV eviction in pruning/kv_cache.py + pruning/h2o.py).
+Importing the package registers the built-in methods. See docs/method.md, docs/architecture.md, docs/baselines.md.
 """
 
-from pruning import h2o, strategies  # noqa: F401  (registers the built-in methods)
+from pruning import baselines, h2o, strategies  # noqa: F401  (registers the built-in methods)
 from pruning.config import PruningConfig, PruningConfigError, add_pruning_args, pruning_overrides, resolve_pruning
 from pruning.h2o import enable_kv_eviction
 from pruning.inflection import inflection_point, keep_count, split_objective
