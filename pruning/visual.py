@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -67,6 +68,19 @@ class VisualSelection:
     scores: torch.Tensor | None
 
 
+class TextTower(Protocol):
+    """The text side of the vision tower's model (CLIP's text tower and both projections), for text-guided methods.
+    The caller loads it on the first call, so a run whose method never calls it never loads it."""
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """[B, P] embeddings of the texts in the joint image-text space."""
+        ...
+
+    def project_patches(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vision tokens [B, t, D] (a tower layer's output) -> [B, t, P], the same space."""
+        ...
+
+
 @dataclass
 class VisionContext:
     """One batch of images in the tower, for a vision-side method. Hidden states are computed on first use."""
@@ -79,6 +93,7 @@ class VisionContext:
     text: Sequence[str] | None = None  # the question per image, when the caller passes it (None otherwise)
     select_feature: str = "patch"  # "cls_patch": select_visual_tokens puts the select layer's CLS first
     projector: Callable[[torch.Tensor], torch.Tensor] | None = None  # [.., C] -> LLM space, when the caller passes it
+    text_tower: TextTower | None = None  # CLIP's text side, when the caller passes it (text-guided methods)
     _states: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -155,20 +170,24 @@ def select_visual_tokens(
     generator: torch.Generator | None = None,
     text: Sequence[str] | None = None,
     projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    text_tower: TextTower | None = None,
 ) -> VisualSelection:
     """Run the CLIP vision tower on pixel_values [B, 3, H, W] with the configured vision-side method.
 
     ``vision_model`` is duck-typed: transformers' ``CLIPVisionModel`` (5.x: embeddings, pre_layrnorm, encoder.layers
     on the model itself) or anything with a ``.vision_model`` that has them. ``generator`` feeds methods that draw
     (see ``pruning.strategies.apply_strategy``); ``projector`` (the model's multimodal projector) feeds methods that
-    compare tokens in the LLM's input space (DivPrune). Gradients flow into the kept features (a gather); wrap the call
+    compare tokens in the LLM's input space (DivPrune); ``text`` (the question per image) and ``text_tower``
+    feed text-guided methods (Recoverable Compression). Gradients flow into the kept features (a gather); wrap the call
     in ``torch.no_grad()`` for a frozen tower.
     """
     if select_feature not in SELECT_FEATURES:
         raise ValueError(f"unknown select_feature {select_feature!r}; choose one of {', '.join(SELECT_FEATURES)}")
     tower = getattr(vision_model, "vision_model", vision_model)
     select_index = resolve_select_layer(select_layer, len(tower.encoder.layers))
-    context = VisionContext(tower, pixel_values, config, select_index, generator, text, select_feature, projector)
+    context = VisionContext(
+        tower, pixel_values, config, select_index, generator, text, select_feature, projector, text_tower
+    )
     method = config.method("visual_pruning")
     reduced = method.implementation(context)
     kept = _check_reduced(reduced, method.name, pixel_values.shape[0], context.num_patches)
