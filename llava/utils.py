@@ -12,6 +12,8 @@ from typing import NoReturn
 
 import torch
 
+from eval.common import INPUT_ERROR_STATUS
+
 
 def quiet_transformers() -> None:
     """Entry points print answers, not load reports (the CLIP text tower is always 'unexpected')."""
@@ -160,7 +162,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (CheckpointError, VisionTowerError, PruningConfigError, ImageLoadError)
 
 
-USER_ERROR_STATUS = 2  # bad input or settings: rerunning the same command cannot help (scripts tell them apart)
+USER_ERROR_STATUS = INPUT_ERROR_STATUS  # bad input or settings: a rerun cannot help (the scripts tell them apart)
 
 
 class UserErrorExit(SystemExit):

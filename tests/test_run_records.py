@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from eval import tables
-from eval.common import run_record_path, token_means, token_stat
-from llava.eval import merge_chunks, model_vqa_loader, run_record, runner
+from eval.common import INPUT_ERROR_STATUS, run_record_path, token_means, token_stat
+from llava.eval import merge_chunks, model_vqa_loader, run_record
 from llava.utils import default_conv_mode
 from tests.conftest import REPO, random_image
 
@@ -159,7 +159,7 @@ def test_changed_settings_are_named_and_a_file_without_record_is_refused(tiny_ck
             model_vqa_loader.main(
                 loader_args(tiny_ckpt, questions, folder, answers, "--conv-mode", "vicuna_v1", *extra)
             )
-        assert stop.value.code == runner.INPUT_ERROR_STATUS and message in str(stop.value), str(stop.value)
+        assert stop.value.code == INPUT_ERROR_STATUS and message in str(stop.value), str(stop.value)
     # the same settings with another batch size resume (nothing left to do)
     same = loader_args(tiny_ckpt, questions, folder, answers, "--conv-mode", "vicuna_v1", "--batch-size", "3")
     assert model_vqa_loader.main(same) == 0
@@ -206,7 +206,7 @@ def test_an_empty_question_file_is_an_error(tiny_ckpt, tmp_path) -> None:
     empty.write_text("\n")
     with pytest.raises(SystemExit, match="holds no questions") as stop:
         model_vqa_loader.main(loader_args(tiny_ckpt, empty, tmp_path, tmp_path / "a.jsonl"))
-    assert stop.value.code == runner.INPUT_ERROR_STATUS
+    assert stop.value.code == INPUT_ERROR_STATUS
 
 
 def test_one_template_rule_for_every_entry_point() -> None:

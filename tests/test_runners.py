@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from eval.common import INPUT_ERROR_STATUS
 from llava.eval import model_vqa, model_vqa_loader, model_vqa_mmbench, model_vqa_science, runner
 from llava.eval.runner import RunnerInputError, Sample, get_chunk, pending_samples, read_answered
 from tests.conftest import random_image
@@ -236,7 +237,7 @@ def test_missing_image_stops_naming_id_and_path_before_loading(tiny_ckpt, short_
     with pytest.raises(SystemExit) as stop:
         model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, tmp_path / "a.jsonl"))
     message = str(stop.value)
-    assert stop.value.code == runner.INPUT_ERROR_STATUS
+    assert stop.value.code == INPUT_ERROR_STATUS
     assert "question_id 102" in message and str(folder / "img_2.png") in message and "--skip-errors" in message
     # one missing file asked about twice is listed once, and counted as one file
     assert message.count("img_2.png") == 1 and "1 image file(s) not found, asked about by 2 question(s)" in message

@@ -32,13 +32,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import shortuuid
 from PIL import Image
 from tqdm import tqdm
 
-from eval.common import INPUT_ERROR_STATUS, append_jsonl, iter_jsonl, run_record_path, split_unfinished
+from eval.common import append_jsonl, iter_jsonl, run_record_path, split_unfinished
 from llava.eval import prompt_styles, run_record
 from llava.mm_utils import load_image
 
@@ -467,7 +467,7 @@ def main(question_format: QuestionFormat, argv: list[str] | None = None, descrip
     """Parse the flags, read and chunk the questions, check the run record, load the model only if something is
     left to answer, run. Bad input or settings that differ from the answers file's end with exit status 2."""
     from llava.mm_utils import get_model_name_from_path
-    from llava.utils import load_from_args, quiet_transformers
+    from llava.utils import check_before_loading, exit_with_user_error, load_from_args, quiet_transformers, user_errors
     from pruning import pruning_overrides
 
     args = build_parser(question_format, description).parse_args(argv)
@@ -486,8 +486,9 @@ def main(question_format: QuestionFormat, argv: list[str] | None = None, descrip
         pending = pending_samples(samples, read_answered(answers_file), answers_file)
         if not args.skip_errors:
             check_images_exist(pending)
-    except (RunnerInputError, prompt_styles.PromptStyleError) as err:
-        exit_with(err)
+        check_before_loading(args, pruning_overrides(args))  # e.g. --visual-layer beyond the tower
+    except (RunnerInputError, prompt_styles.PromptStyleError, *user_errors()) as err:
+        exit_with_user_error(err)
     desc = f"{question_format.name} chunk {args.chunk_idx + 1}/{args.num_chunks}"
     if not pending:
         save_record(answers_file, record)
@@ -515,22 +516,5 @@ def main(question_format: QuestionFormat, argv: list[str] | None = None, descrip
             desc=desc,
             record=record,
         )
-    except RunnerInputError as err:
-        exit_with(err)
-
-
-class InputErrorExit(SystemExit):
-    """Exit status 2 (``INPUT_ERROR_STATUS``), the message printed to stderr once and kept as ``str(exit)``."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(INPUT_ERROR_STATUS)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def exit_with(err: Exception) -> NoReturn:
-    message = f"error: {err}"
-    print(message, file=sys.stderr)
-    raise InputErrorExit(message) from None
+    except (RunnerInputError, *user_errors()) as err:  # e.g. a budget above the tower's patch count
+        exit_with_user_error(err)
