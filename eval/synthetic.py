@@ -345,17 +345,6 @@ def record_kind(record: dict[str, Any]) -> str:
     return record["id"].removeprefix(f"{Path(record['image']).stem}-")
 
 
-def tokenizer_corpus(out: str | Path) -> list[str]:
-    """Every prompt and answer of a generated split plus LLaVA's v1 template: what the demo's tokenizer learns."""
-    from llava.conversation import conv_templates
-
-    out = Path(out)
-    lines = [conv_templates["vicuna_v1"].system, "USER: ASSISTANT: </s>", SHORT, MME_SUFFIX, SQA_SUFFIX]
-    for record in json.loads((out / "train.json").read_text(encoding="utf-8")):
-        lines += [turn["value"].replace("<image>\n", "") for turn in record["conversations"]]
-    return lines
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 

@@ -1,27 +1,24 @@
-"""Calibrate stage 1 on a data set: the distribution of i* and of the kept count k per keep rule, and the alpha that
-reaches a target mean count.
-
-    python -m pruning.calibrate --model-path liuhaotian/llava-v1.5-7b \\
-        --question-file playground/data/eval/pope/llava_pope_test.jsonl --image-folder playground/data/eval/pope/val2014 \\
-        [--target-count 127] [--max-images 500] [--output-json calibration.json]
+"""Calibrating stage 1 on a data set: the distribution of i* and of the kept count k per keep rule, the alpha that
+reaches a target mean count, and how strongly the kept patches lie on objects.
 
 Why: alpha = 0.24 was tuned on CLIP ViT-L/14 as LLaVA-1.5 fine-tuned it; another checkpoint (or the demo model) has
-another CLS curve, so the same alpha keeps another number of tokens. The mean kept count is a non-increasing step
-function of alpha, so the alpha that reaches a target mean is found by bisection over the stored scores without
-running the tower again. The default target is the paper's 127 of 576 tokens, scaled to the tower's n.
+another CLS curve, so the same alpha keeps another number of tokens. The mean kept count is a monotone step function
+of alpha, so the alpha that reaches a target mean is found by bisection over the stored scores without running the
+tower again. The default target is the paper's 127 of 576 tokens, scaled to the tower's n.
 
-The algorithms here need only the scores; ``main`` is the one place that loads a model (as in pruning.visualize).
+These are the algorithms, on scores and masks only; the command that scores a data set with a checkpoint's tower is
+``python -m eval.tools.calibrate``.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from pruning.config import PruningConfig
-from pruning.strategies import apply_strategy, scoring_config
+from pruning.strategies import apply_strategy
 
 PAPER_KEPT, PAPER_N = 127, 576
 ALPHA_RULES = ("longtail", "alpha_times")
@@ -49,36 +46,63 @@ def kept_counts(scores: torch.Tensor, config: PruningConfig) -> torch.Tensor:
     return apply_strategy(scores, config).keep
 
 
-def alpha_for_mean(
-    scores: torch.Tensor, target: float, config: PruningConfig, rule: str = "longtail", steps: int = 60
-) -> tuple[float, float]:
-    """(alpha, mean k) with the mean kept count closest to ``target``; ties go to the larger alpha (fewer tokens).
+_GAP_TOLERANCE = 1e-9  # mean counts closer than this to each other are equally close to the target
 
-    Bisection finds the smallest alpha whose mean is <= target; the step just below it is the other candidate.
+
+def alpha_for_target(
+    mean_kept: Callable[[float], float], target: float, *, grows: bool = False, decimals: int = 6
+) -> float:
+    """The alpha in (0, 1] with ``decimals`` decimals whose mean kept count ``mean_kept(alpha)`` is closest to
+    ``target``; of equally close ones the largest (the same count here, fewer tokens where the curves are flatter).
+
+    ``mean_kept`` must be monotone in alpha: non-increasing (the long-tail rule, k = ceil(i* / alpha)) or, with
+    ``grows``, non-decreasing (``alpha_times``). The distance to the target then falls and rises along the grid, so two
+    bisections over the 10**decimals grid values find the answer with about 2 * log2(10**decimals) evaluations. A
+    target out of reach gives the grid end nearest to it (alpha 1 for a long-tail target below the mean i*).
     """
-    if rule not in ALPHA_RULES:
-        raise ValueError(f"alpha only drives the rules {ALPHA_RULES}, not {rule!r}")
     if not target > 0:
         raise ValueError(f"the target mean count must be > 0, got {target!r}")
+    if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 9:
+        raise ValueError(f"decimals must be an integer in 0..9, got {decimals!r}")
+    steps = 10**decimals  # alpha = step / steps, step in 1..steps
+    means: dict[int, float] = {}
+
+    def distance(step: int) -> float:
+        if step not in means:
+            means[step] = float(mean_kept(step / steps))
+        return abs(means[step] - target)
+
+    def past_target(step: int) -> bool:
+        distance(step)
+        return means[step] >= target if grows else means[step] <= target
+
+    low, high = 1, steps + 1  # the first step past the target; steps + 1 when none is
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if past_target(middle) else (middle + 1, high)
+    crossing = low
+    closest = min(distance(step) for step in (crossing - 1, crossing) if 1 <= step <= steps)
+    if crossing > steps or distance(crossing) > closest + _GAP_TOLERANCE:
+        return max(crossing - 1, 1) / steps  # the last step before the target is the only closest one
+    low, high = crossing, steps  # beyond the crossing distances only grow: the last step still as close as the best
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if distance(middle) <= closest + _GAP_TOLERANCE else (low, middle - 1)
+    return low / steps
+
+
+def alpha_for_mean(
+    scores: torch.Tensor, target: float, config: PruningConfig, rule: str = "longtail", decimals: int = 6
+) -> tuple[float, float]:
+    """(alpha, mean k) for scores [N, n]: ``alpha_for_target`` with k by the rule's own code (pruning.strategies)."""
+    if rule not in ALPHA_RULES:
+        raise ValueError(f"alpha only drives the rules {ALPHA_RULES}, not {rule!r}")
 
     def mean(alpha: float) -> float:
         return kept_counts(scores, config.merged(visual_pruning=rule, alpha=alpha)).double().mean().item()
 
-    # longtail: k shrinks as alpha grows; alpha_times: k grows with alpha. Bisect on the monotone direction.
-    grows = rule == "alpha_times"
-    low, high = 1e-6, 1.0
-    for _ in range(steps):
-        middle = (low + high) / 2
-        above = mean(middle) > target
-        if above != grows:
-            low = middle
-        else:
-            high = middle
-    # alphas with 6 decimals either side of the step, so the printed value is the one that was measured
-    candidates = {math.floor(x * 1e6) / 1e6 for x in (low, high)} | {math.ceil(x * 1e6) / 1e6 for x in (low, high)}
-    ranked = sorted((abs(mean(a) - target), -a, a) for a in candidates if 0 < a <= 1)
-    best = ranked[0][2]
-    return best, mean(best)
+    alpha = alpha_for_target(mean, target, grows=rule == "alpha_times", decimals=decimals)
+    return alpha, mean(alpha)
 
 
 def calibrate(
@@ -170,90 +194,3 @@ def format_report(report: dict[str, Any]) -> str:
         f"(mean k {literal['mean_kept']:.1f})",
     ]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Score the images of a question file with the checkpoint's tower, then print and optionally save the report.
-    Bad input ends with one ``error:`` line, before the model loads."""
-    from llava.utils import run_entry_point
-
-    return run_entry_point(_calibrate, argv)
-
-
-def _calibrate(argv: list[str] | None) -> dict[str, Any]:
-    import argparse
-    import json
-    from pathlib import Path
-
-    from llava.eval.runner import RunnerInputError
-    from llava.mm_utils import load_image, process_images
-    from llava.utils import add_model_args, check_before_loading, load_from_args, quiet_transformers
-    from pruning.config import add_pruning_args, pruning_overrides
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    parser.add_argument("--question-file", required=True, help="JSON lines with an 'image' field, or a JSON list")
-    parser.add_argument("--image-folder", required=True)
-    parser.add_argument("--target-count", type=float, default=None, help="mean kept count to reach (default 127/576*n)")
-    parser.add_argument("--max-images", type=int, default=None, help="calibrate on the first N distinct images")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--output-json", default=None)
-    add_pruning_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        names = image_names(Path(args.question_file))
-    except (OSError, ValueError, RunnerInputError) as err:
-        raise SystemExit(f"error: {err}") from None
-    names = names[: args.max_images] if args.max_images else names
-    missing = [n for n in names if not (Path(args.image_folder) / n).is_file()]
-    if missing:
-        raise SystemExit(f"error: --image-folder {args.image_folder}: {len(missing)} images missing, e.g. {missing[0]}")
-    check_before_loading(args, pruning_overrides(args))
-    quiet_transformers()
-    _, model, processor, _ = load_from_args(args, pruning_overrides(args))
-    tower, config = model.get_vision_tower(), model.pruning_config
-    scores, inflection = [], []
-    with torch.no_grad():
-        for start in range(0, len(names), args.batch_size):
-            batch = [load_image(str(Path(args.image_folder) / n)) for n in names[start : start + args.batch_size]]
-            pixels = process_images(batch, processor, model.config)
-            if isinstance(pixels, list) or pixels.ndim != 4:
-                raise SystemExit(
-                    "error: pruning.calibrate scores one crop per image; anyres checkpoints are not supported"
-                )
-            out = tower.select(pixels.to(device=tower.device, dtype=tower.dtype), scoring_config(config))
-            scores.append(out.scores.float().cpu())
-            inflection.append(out.inflection.cpu())
-    report = calibrate(torch.cat(scores), torch.cat(inflection), config, args.target_count)
-    report["model_path"], report["question_file"] = args.model_path, args.question_file
-    print(format_report(report))
-    if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.output_json}")
-    return report
-
-
-def image_names(path) -> list[str]:
-    """Distinct image names, in first-seen order, of a JSON-lines question file or a JSON list of records."""
-    import json
-
-    text = path.read_text(encoding="utf-8")
-    rows = (
-        json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
-    )
-    names: dict[str, None] = {}
-    for number, row in enumerate(rows, 1):
-        image = row.get("image") if isinstance(row, dict) else None
-        if image is None:
-            continue
-        if not isinstance(image, str):
-            raise ValueError(f"{path}: record {number}: 'image' must be a file name, found {image!r}")
-        names.setdefault(image, None)
-    if not names:
-        raise ValueError(f"{path}: no record names an image")
-    return list(names)
-
-
-if __name__ == "__main__":
-    main()

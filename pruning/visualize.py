@@ -1,4 +1,5 @@
-"""Pictures of stage 1 (paper Fig. 3 and Fig. 6), for the docs and for eyeballing a checkpoint.
+"""Pictures of stage 1 (paper Fig. 3 and Fig. 6), for the docs and for eyeballing a checkpoint. The command that
+draws them for one image with a checkpoint's tower is ``python -m eval.tools.visualize``.
 
 matplotlib is an optional extra (``pip install .[plot]``), so it is imported inside the plotting function, with the
 file-only Agg backend.
@@ -97,57 +98,3 @@ def tower_view(pixel_values: torch.Tensor, image_mean: Sequence[float], image_st
     std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
     pixels = (pixel_values.detach().float().cpu() * std + mean).clamp(0, 1)
     return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-
-
-def main(argv: list[str] | None = None) -> list[Path]:
-    """``python -m pruning.visualize --model-path P --image-file F --out DIR``: Fig. 3 and Fig. 6 for one image.
-
-    The one place in ``pruning`` that loads a model: the import of ``llava`` happens here, inside the command, so the
-    algorithms above stay independent of it. Bad input ends with one ``error:`` line, before the model loads.
-    """
-    from llava.utils import run_entry_point
-
-    return run_entry_point(_visualize, argv)
-
-
-def _visualize(argv: list[str] | None) -> list[Path]:
-    import argparse
-
-    from llava.mm_utils import load_image, process_images
-    from llava.utils import add_model_args, check_before_loading, load_from_args, quiet_transformers
-    from pruning.config import add_pruning_args, pruning_overrides
-
-    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    parser.add_argument("--image-file", required=True)
-    parser.add_argument("--out", required=True, help="folder for curve.png and kept_patches.png")
-    add_pruning_args(parser)
-    args = parser.parse_args(argv)
-    overrides = pruning_overrides(args)
-    overrides.setdefault("visual_pruning", "longtail")
-    image = load_image(args.image_file)  # bad input fails before the model loads
-    check_before_loading(args, overrides)
-    quiet_transformers()
-    _, model, processor, _ = load_from_args(args, overrides)
-    tower = model.get_vision_tower()
-    pixels = process_images([image], processor, model.config)
-    if isinstance(pixels, list) or pixels.ndim != 4:
-        raise SystemExit("pruning.visualize shows one 336px crop; multi-crop (anyres) checkpoints are not supported")
-    with torch.no_grad():
-        out = tower.select(pixels.to(device=tower.device, dtype=tower.dtype), model.pruning_config)
-    if out.scores is None or out.inflection is None:
-        raise SystemExit(
-            f"error: --visual-pruning {model.pruning_config.visual_pruning} scores no patches; the curve needs a "
-            "CLS-score keep rule (longtail, topk, ratio, alpha_times, random)"
-        )
-    n, inflection, kept = int(out.n[0]), int(out.inflection[0]), int(out.kept[0])
-    out_dir = Path(args.out)
-    curve = plot_similarity_curve(out.scores[0], inflection, kept, out_dir / "curve.png")
-    view = tower_view(pixels[0], processor.image_mean, processor.image_std)
-    patches = plot_kept_patches(view, out.indices[0][:kept], tower.num_patches_per_side, out_dir / "kept_patches.png")
-    print(f"n={n} i*={inflection} kept={kept} ({model.pruning_config.describe()})\nwrote {curve}\nwrote {patches}")
-    return [curve, patches]
-
-
-if __name__ == "__main__":
-    main()

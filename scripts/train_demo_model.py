@@ -32,11 +32,12 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from eval.synthetic import CATEGORIES, record_kind, tokenizer_corpus
+from eval.synthetic import CATEGORIES, MME_SUFFIX, SHORT, SQA_SUFFIX, record_kind
 from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.conversation import conv_templates
 from llava.mm_utils import load_image_processor
 from llava.model.multimodal_projector.builder import build_vision_projector
-from llava.model.tiny import TinySpec, llm_config_kwargs, write_tiny_llava
+from llava.testing.tiny_llava import TinySpec, llm_config_kwargs, write_tiny_llava
 from llava.tokenization import load_tokenizer, train_sentencepiece
 
 SPEC = TinySpec(
@@ -54,6 +55,15 @@ SPEC = TinySpec(
     projector="mlp2x_gelu",
     visual_layer=3,
 )
+
+
+def tokenizer_corpus(out: str | Path) -> list[str]:
+    """Every prompt and answer of a generated split plus LLaVA's v1 template: what the demo's tokenizer learns."""
+    out = Path(out)
+    lines = [conv_templates["vicuna_v1"].system, "USER: ASSISTANT: </s>", SHORT, MME_SUFFIX, SQA_SUFFIX]
+    for record in json.loads((out / "train.json").read_text(encoding="utf-8")):
+        lines += [turn["value"].replace("<image>\n", "") for turn in record["conversations"]]
+    return lines
 
 
 def init(data: Path, out: Path, tower_out: Path, seed: int) -> None:

@@ -23,10 +23,10 @@ from llava.eval import model_vqa_loader
 from llava.inference import build_prompt, generate_answers
 from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
-from llava.model.tiny import write_tiny_llava, write_tiny_llava_next
+from llava.testing.tiny_llava import write_tiny_llava, write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError, add_pruning_args, pruning_overrides, select_visual_tokens
 from pruning.baselines.pool import pool_grid
-from tests.conftest import random_image
+from tests.helpers import random_image
 
 PEAK = 1.5  # q/k weights scaled up: CLS rows from nearly flat to a few dominant patches (max / min > 50)
 SIZES = [(120, 90), (64, 160), (112, 112), (200, 50)]

@@ -24,7 +24,7 @@ from eval.benchmarks import (
 )
 from llava.eval.run_benchmark import first_line_fields
 from llava.eval.runner import QuestionFormat
-from tests.conftest import REPO, random_image
+from tests.helpers import REPO, random_image
 
 SCRIPTS = {version: REPO / "scripts" / version / "eval" for version in ("v1_5", "v1_6")}
 

@@ -15,7 +15,7 @@ from llava.inference import build_prompt
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerError
-from tests.conftest import random_image
+from tests.helpers import random_image
 
 
 def _inputs(tokenizer, model, processor):

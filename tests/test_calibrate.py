@@ -1,4 +1,5 @@
-"""pruning.calibrate: distributions per keep rule, the alpha that reaches a target mean count, and the command."""
+"""pruning.calibrate: distributions per keep rule, the alpha that reaches a target mean count; and the command,
+python -m eval.tools.calibrate."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning.calibrate import alpha_for_mean, calibrate, distribution, image_names, kept_counts, main
+from eval.tools.calibrate import image_names, main
+from pruning.calibrate import alpha_for_mean, alpha_for_target, calibrate, distribution, kept_counts
 from pruning.config import PruningConfig
-from pruning.inflection import inflection_point
+from pruning.inflection import inflection_point, longtail_keep
 
 
 def curves(batch: int = 12, n: int = 64, seed: int = 0) -> torch.Tensor:
@@ -52,6 +54,42 @@ def test_alpha_for_mean_reaches_a_reachable_target() -> None:
     assert by_hand.mean().item() == pytest.approx(reached)
 
 
+def scan_the_grid(mean_kept, target: float, decimals: int) -> float:
+    """The reference: every alpha of the grid from 1 down, kept when strictly closer (so the largest on ties)."""
+    best, best_gap = 1.0, math.inf
+    for step in range(10**decimals, 0, -1):
+        gap = abs(mean_kept(step / 10**decimals) - target)
+        if gap < best_gap - 1e-9:
+            best, best_gap = step / 10**decimals, gap
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_alpha_for_target_equals_a_scan_of_the_grid(seed: int) -> None:
+    """Both directions, reachable and unreachable targets, ties between the steps either side of the target."""
+    generator = torch.Generator().manual_seed(seed)
+    inflection = torch.randint(1, 40, (int(torch.randint(1, 9, (1,), generator=generator)),), generator=generator)
+    images = len(inflection)
+
+    def longtail(alpha: float) -> float:  # non-increasing in alpha
+        return float(longtail_keep(inflection, 64, alpha).sum()) / images
+
+    def literal(alpha: float) -> float:  # non-decreasing in alpha: the alpha_times reading
+        return float(torch.ceil(inflection * alpha - 1e-9).clamp(1, 64).sum()) / images
+
+    for target in (0.5, 3.0, float(inflection.float().mean()), 17.5, 30.0, 63.0, 200.0):
+        assert alpha_for_target(longtail, target, decimals=3) == scan_the_grid(longtail, target, 3), target
+        assert alpha_for_target(literal, target, grows=True, decimals=3) == scan_the_grid(literal, target, 3), target
+    scores = curves(batch=5, seed=seed)
+
+    def mean(alpha: float) -> float:
+        return kept_counts(scores, PruningConfig(visual_pruning="longtail", alpha=alpha)).double().mean().item()
+
+    assert alpha_for_mean(scores, 12.0, PruningConfig(), decimals=3)[0] == scan_the_grid(mean, 12.0, 3)
+    with pytest.raises(ValueError, match="target mean count must be > 0"):
+        alpha_for_target(longtail, 0)
+
+
 def test_literal_rule_grows_with_alpha() -> None:
     scores = curves()
     config = PruningConfig(visual_pruning="longtail")
@@ -90,7 +128,7 @@ def test_image_names_reads_both_formats(tmp_path: Path) -> None:
 def test_command_on_a_tiny_checkpoint(tmp_path: Path, capsys) -> None:
     from PIL import Image
 
-    from llava.model.tiny import write_tiny_llava
+    from llava.testing.tiny_llava import write_tiny_llava
 
     model = write_tiny_llava(tmp_path / "tiny", seed=0)
     folder = tmp_path / "images"

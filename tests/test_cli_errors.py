@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from eval.tools import calibrate, visualize
 from llava.eval import run_llava
 from llava.serve import cli
 from llava.utils import USER_ERROR_STATUS
-from tests.conftest import REPO, random_image
+from tests.helpers import REPO, random_image
 
 DEMO = REPO / "playground" / "checkpoints" / "llava-v1.5-demo"
 IMAGE = REPO / "playground" / "demo" / "images" / "green_triangle.png"
@@ -97,7 +98,7 @@ def test_a_shallow_tower_loads_and_answers_with_pruning_off(tmp_path, capsys) ->
     """Issue #19 item 4: with pruning off the tower runs upstream's plain path (no layer scored), so a tower with
     fewer layers than the config's visual_layer (a 12-layer ViT-B under visual_layer 16) loads and answers."""
     from llava.model.builder import load_pretrained_model
-    from llava.model.tiny import write_tiny_llava
+    from llava.testing.tiny_llava import write_tiny_llava
 
     ckpt = write_tiny_llava(tmp_path / "llava-shallow", pruning={"visual_layer": 16})  # the tiny tower has 4 layers
     _, model, _, _ = load_pretrained_model(str(ckpt), device="cpu")
@@ -140,12 +141,8 @@ def test_loading_a_release_checkpoint_reports_nothing_alarming() -> None:
 
 @pytest.mark.parametrize("tool", ["visualize", "calibrate"])
 def test_pruning_tools_name_bad_values_before_loading(tool, tmp_path, capsys, no_model_loading, monkeypatch) -> None:
-    import importlib
-
-    import llava.utils
-
-    module = importlib.import_module(f"pruning.{tool}")
-    monkeypatch.setattr(llava.utils, "load_from_args", lambda *a, **k: pytest.fail("model loaded"))
+    module = {"visualize": visualize, "calibrate": calibrate}[tool]
+    monkeypatch.setattr(module, "load_from_args", lambda *a, **k: pytest.fail("model loaded"))
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"question_id": 1, "image": "green_triangle.png", "text": "?"}\n')
     common = ["--model-path", str(DEMO), "--device", "cpu", "--alpha", "0", "--visual-pruning", "longtail"]

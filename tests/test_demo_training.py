@@ -125,4 +125,3 @@ def test_select_records_per_image_merges_an_images_turns_behind_one_image_token(
     assert humans == [["<image>\np0a", "p0b", "v0"], ["<image>\np1", "v1a", "v1b"]]
     answers = [t["value"] for t in merged[1]["conversations"] if t["from"] == "gpt"]
     assert answers == ["answer to p1", "answer to v1a", "answer to v1b"]
-

@@ -9,7 +9,7 @@ import pytest
 
 from llava.eval import run_llava
 from llava.serve import cli
-from tests.conftest import random_image
+from tests.helpers import random_image
 
 
 def test_run_llava_answers_and_reports_tokens(tiny_ckpt, tmp_path, capsys):

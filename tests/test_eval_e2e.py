@@ -20,33 +20,19 @@ from pathlib import Path
 import pytest
 
 from llava.eval import merge_chunks, model_vqa, model_vqa_loader, model_vqa_mmbench, model_vqa_science
-from tests.conftest import random_image
-from tests.test_judge import FakeOpenAIServer
+from tests.helpers import (
+    SHORT,
+    FakeOpenAIServer,
+    pope_fixture,
+    random_image,
+    read_jsonl,
+    save_image,
+    write_json,
+    write_jsonl,
+)
 
 BOTH_STAGES = ["--visual-pruning", "longtail", "--kv-pruning", "h2o"]
 TOKEN_KEYS = ("visual_before", "visual_after", "inflection", "prompt", "generated", "kv_final")
-SHORT = "\nAnswer the question using a single word or phrase."
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def write_json(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
-
-
-def save_image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    random_image(seed, (96 + 8 * (seed % 5), 72 + 12 * (seed % 3))).save(path)
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def runner_args(tiny_ckpt: Path, questions: Path, answers: Path, images: Path | None = None, *extra: str) -> list:
@@ -60,7 +46,7 @@ def runner_args(tiny_ckpt: Path, questions: Path, answers: Path, images: Path | 
 def check_result(result_json: Path, answers: Path, benchmark: str, count: int) -> dict:
     """The result JSON a table reads: headline, and the token means of exactly the answers that were scored."""
     result = json.loads(result_json.read_text(encoding="utf-8"))
-    rows = read_lines(answers)
+    rows = read_jsonl(answers)
     assert result["benchmark"] == benchmark
     assert isinstance(result["headline"], (int, float)) and math.isfinite(result["headline"])
     assert result["count"] == count
@@ -128,7 +114,7 @@ def test_scienceqa(tiny_ckpt: Path, tmp_path: Path) -> None:
     sqa.main(["--base-dir", str(root), "--result-file", str(answers), "--result-json", str(result_json)])
     result = check_result(result_json, answers, "sqa", count=5)
     assert result["metrics"]["img_total"] == 4 and result["metrics"]["total"] == 5
-    text_only = next(r for r in read_lines(answers) if r["question_id"] == "402")
+    text_only = next(r for r in read_jsonl(answers) if r["question_id"] == "402")
     assert text_only["tokens"]["visual_before"] == 0 and "<image>" not in text_only["prompt"]
 
 
@@ -203,7 +189,7 @@ def test_mme(tiny_ckpt: Path, tmp_path: Path) -> None:
         + ["--write-mme-txt", str(root / "eval_tool" / "answers" / "tiny")]
     )
     result = check_result(result_json, answers, "mme", count=12)
-    assert len(read_lines(answers)) == 12
+    assert len(read_jsonl(answers)) == 12
     assert (root / "eval_tool" / "answers" / "tiny" / "artwork.txt").is_file()
     assert result["headline"] <= 2 * 200  # two perception subtasks present, 200 points each at most
 
@@ -246,7 +232,7 @@ def test_vqav2_two_chunks_merged(tiny_ckpt: Path, tmp_path: Path) -> None:
         model_vqa_loader.main(runner_args(tiny_ckpt, questions, chunk_dir / f"2_{idx}.jsonl", root / "val2014", *chunk))
     merge = chunk_dir / "merge.jsonl"
     assert merge_chunks.main(["--out", str(merge), *(str(chunk_dir / f"2_{i}.jsonl") for i in range(2))]) == 0
-    assert [r["question_id"] for r in read_lines(merge)] == [line["question_id"] for line in lines]
+    assert [r["question_id"] for r in read_jsonl(merge)] == [line["question_id"] for line in lines]
     assert json.loads((chunk_dir / "merge.run.json").read_text())["chunks"] == 2
 
     result_json = root / "results" / "tiny.json"
@@ -260,22 +246,6 @@ def test_vqav2_two_chunks_merged(tiny_ckpt: Path, tmp_path: Path) -> None:
 
 
 # ---- POPE -----------------------------------------------------------------------------------------------------
-
-
-def pope_fixture(root: Path) -> Path:
-    """LLaVA's llava_pope_test.jsonl, POPE's coco/coco_pope_<category>.json label files and val2014/ images."""
-    lines, qid = [], 1
-    for c, category in enumerate(("adversarial", "popular", "random")):
-        labels = []
-        for n, (thing, label) in enumerate([("dog", "yes"), ("car", "no")]):
-            image = f"COCO_val2014_{310196 + 10 * c + n:012d}.jpg"
-            save_image(root / "val2014" / image, qid)
-            text = f"Is there a {thing} in the image?"
-            lines.append({"question_id": qid, "image": image, "text": text + SHORT, "category": category})
-            labels.append({"question_id": n + 1, "image": image, "text": text, "label": label})  # POPE restarts ids
-            qid += 1
-        write_jsonl(root / "coco" / f"coco_pope_{category}.json", labels)
-    return write_jsonl(root / "llava_pope_test.jsonl", lines)
 
 
 def test_pope(tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -324,7 +294,7 @@ def test_mmbench_all_rounds(tiny_ckpt: Path, tmp_path: Path) -> None:
 
     answers = root / "answers" / "mmbench_dev_20230712" / "tiny.jsonl"
     model_vqa_mmbench.main(runner_args(tiny_ckpt, tsv, answers, None, "--single-pred-prompt", "--all-rounds"))
-    assert [(r["question_id"], r["round_id"]) for r in read_lines(answers)] == [
+    assert [(r["question_id"], r["round_id"]) for r in read_jsonl(answers)] == [
         (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (1000001, 0), (1000001, 1), (1000001, 2)
     ]  # fmt: skip
     result_json = root / "results" / "tiny.json"
@@ -427,13 +397,13 @@ def test_pope_script_on_cpu(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert "mean F1" in done.stdout
 
     assert sorted(p.name for p in (root / "answers" / "cpu").iterdir()) == ["1_0.jsonl", "1_0.run.json"]
-    merged = read_lines(root / "answers" / "cpu.jsonl")
+    merged = read_jsonl(root / "answers" / "cpu.jsonl")
     single = tmp_path / "single.jsonl"
     model_vqa_loader.main(
         runner_args(tiny_ckpt, questions, single, root / "val2014", "--max_new_tokens", "4", "--batch-size", "2")
     )
     assert [(r["question_id"], r["text"], r["tokens"]) for r in merged] == [
-        (r["question_id"], r["text"], r["tokens"]) for r in read_lines(single)
+        (r["question_id"], r["text"], r["tokens"]) for r in read_jsonl(single)
     ]
     check_result(root / "results" / "cpu.json", root / "answers" / "cpu.jsonl", "pope", count=6)
 
@@ -505,7 +475,7 @@ def test_scripts_chunk_per_gpu_merge_in_order_and_score(script: str, tmp_path: P
     runs = sorted(c for c in log.read_text().splitlines() if f"-m {module} " in c)
     assert [c.split("|")[0] for c in runs] == ["4", "5", "7"]
     merged = next(p for p in (tmp_path / "eval" / folder).rglob("*") if p.name in ("run3.jsonl", "merge.jsonl"))
-    assert read_lines(merged) == [{"question_id": 0}, {"question_id": 1}, {"question_id": 2}]
+    assert read_jsonl(merged) == [{"question_id": 0}, {"question_id": 1}, {"question_id": 2}]
 
     # a failed chunk fails the script before scoring, and says how to resume
     log.unlink()

@@ -31,7 +31,7 @@ from llava.mm_utils import (
     select_best_resolution,
 )
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
-from llava.model.tiny import TinySpec, write_clip_tower
+from llava.testing.tiny_llava import TinySpec, write_clip_tower
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

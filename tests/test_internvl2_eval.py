@@ -20,8 +20,8 @@ from eval.prepare_io import SHORT_ANSWER
 from eval.tables import build_grid, load_results, load_spec, spec_path
 from llava.eval.prompt_styles import LETTER, PromptStyleError, restyle
 from llava.eval.runner import Sample
-from llava.model.internvl.tiny import write_tiny_internvl
-from tests.test_eval_e2e import pope_fixture, read_lines, save_image, write_json
+from llava.testing.tiny_internvl import write_tiny_internvl
+from tests.helpers import pope_fixture, read_jsonl, save_image, write_json
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "internvl2" / "eval"
 PROMPT = "Answer the question using a single word or phrase."
@@ -100,7 +100,7 @@ def script_env(model: Path, eval_dir: Path) -> dict[str, str]:
 
 
 def check_answers(root: Path, count: int, style: str | None) -> list[dict]:
-    rows = read_lines(root / "answers" / f"{RUN}.jsonl")
+    rows = read_jsonl(root / "answers" / f"{RUN}.jsonl")
     assert len(rows) == count
     record = json.loads((root / "answers" / f"{RUN}.run.json").read_text(encoding="utf-8"))
     assert record["conv_mode"] == "Hermes-2"
@@ -129,7 +129,7 @@ def test_pope_script(tiny_internvl, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "InternVL2: MODEL_PATH=" in done.stderr and "mean F1" in done.stdout
     rows = check_answers(root, 6, None)
-    asked = {row["question_id"]: row["text"] for row in read_lines(questions)}
+    asked = {row["question_id"]: row["text"] for row in read_jsonl(questions)}
     assert all(row["prompt"] == asked[row["question_id"]] for row in rows)  # what the POPE scorer pairs by
 
 

@@ -27,9 +27,9 @@ from llava.mm_utils import tokenizer_image_token
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.model.internvl.conversation import expand_image_tokens, hermes_2_prompt
 from llava.model.internvl.modeling_internvl_chat import InternVLChatModel
-from llava.model.internvl.tiny import TinyInternVLSpec, write_tiny_internvl
 from llava.model.internvl.tokenization import SPECIAL_TOKENS
 from llava.model.llava_arch import MultimodalInputError
+from llava.testing.tiny_internvl import TinyInternVLSpec, write_tiny_internvl
 
 # (width, height) -> tiles of 112 px with the release's 1..12 grid and thumbnail
 SIZES_AND_TILES = [((112, 112), 1), ((300, 90), 4), ((90, 400), 6), ((500, 500), 10), ((40, 600), 13)]

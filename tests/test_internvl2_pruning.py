@@ -20,8 +20,8 @@ from llava.inference import generate_answers
 from llava.mm_utils import tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.model.internvl.conversation import hermes_2_prompt
-from llava.model.internvl.tiny import TinyInternVLSpec, write_tiny_internvl
 from llava.model.internvl.vision import merge_groups, pixel_shuffle
+from llava.testing.tiny_internvl import TinyInternVLSpec, write_tiny_internvl
 from pruning import LayerDropper, LayerView, PruningConfig, registry
 
 LONGTAIL = PruningConfig(visual_pruning="longtail", visual_layer=2)

@@ -17,13 +17,13 @@ import regex
 
 from llava.mm_utils import tokenizer_image_token
 from llava.model.internvl.conversation import expand_image_tokens, hermes_2_prompt
-from llava.model.internvl.tiny import tokenizer_corpus
 from llava.model.internvl.tokenization import (
     QWEN2_SPLIT_REGEX,
     SPECIAL_TOKENS,
     load_internvl_tokenizer,
     write_bpe_tokenizer,
 )
+from llava.testing.tiny_internvl import tokenizer_corpus
 
 TEXTS = [
     "Hello  world\n\n  foo",

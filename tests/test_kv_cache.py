@@ -19,7 +19,7 @@ from pruning.kv_cache import KVEvictionCache, kv_budget
 VOCAB = 128
 
 
-def tiny_model(kind: str = "llama", kv_heads: int = 4, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
+def tiny_llm(kind: str = "llama", kv_heads: int = 4, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
     """hidden 64, 4 heads, 2 layers; a wide init so attention is far from uniform and eviction choices matter."""
     torch.manual_seed(seed)
     common = dict(
@@ -137,7 +137,7 @@ def test_decode_row_probs_sum_each_group_and_skip_empty_slots():
 # ---- (a) a budget that is never reached changes nothing ---------------------------------------------------
 @pytest.mark.parametrize(("kind", "kv_heads"), [("llama", 4), ("llama", 2), ("mistral", 2)])
 def test_unreached_budget_is_identical_to_dynamic_cache(kind, kv_heads):
-    model = tiny_model(kind, kv_heads)
+    model = tiny_llm(kind, kv_heads)
     ids, mask = left_padded([10, 6, 8])
     plain = generate(model, ids, mask, DynamicCache(config=model.config), 9)
     enable_kv_eviction(model)
@@ -150,7 +150,7 @@ def test_unreached_budget_is_identical_to_dynamic_cache(kind, kv_heads):
 
 
 def test_enabled_model_is_unchanged_with_a_plain_cache():
-    model = tiny_model("llama", 2)
+    model = tiny_llm("llama", 2)
     enabled = enable_kv_eviction(copy.deepcopy(model))
     ids, mask = left_padded([7, 9])
     plain = generate(model, ids, mask, None, 6)
@@ -160,7 +160,7 @@ def test_enabled_model_is_unchanged_with_a_plain_cache():
 
 
 def test_enable_is_idempotent_and_touches_only_attention():
-    model = tiny_model("llama", 2)
+    model = tiny_llm("llama", 2)
     enable_kv_eviction(model)
     hooks = [len(layer.self_attn._forward_pre_hooks) for layer in model.model.layers]
     enable_kv_eviction(model)
@@ -172,7 +172,7 @@ def test_enable_is_idempotent_and_touches_only_attention():
 @pytest.mark.parametrize("prompt", [7, 10, 13])
 @pytest.mark.parametrize("new_tokens", [1, 2, 6])
 def test_half_half_keeps_exactly_the_prompt_length(prompt, new_tokens):
-    model = enable_kv_eviction(tiny_model("llama", 2))
+    model = enable_kv_eviction(tiny_llm("llama", 2))
     ids, mask = left_padded([prompt])
     cache = KVEvictionCache(h2o(), mask)
     generate(model, ids, mask, cache, new_tokens)
@@ -184,7 +184,7 @@ def test_half_half_keeps_exactly_the_prompt_length(prompt, new_tokens):
 
 
 def test_kv_length_is_capped_per_sample_and_excludes_pads():
-    model = enable_kv_eviction(tiny_model("llama", 2))
+    model = enable_kv_eviction(tiny_llm("llama", 2))
     lengths, new_tokens = [12, 5, 9], 7
     ids, mask = left_padded(lengths)
     cache = KVEvictionCache(h2o(heavy_ratio=0.5, recent_ratio=0.75), mask)  # budget floor(1.25 P): 15, 6, 11
@@ -202,7 +202,7 @@ def test_kv_length_is_capped_per_sample_and_excludes_pads():
 
 
 def test_absolute_budget_caps_the_cache():
-    model = enable_kv_eviction(tiny_model("mistral", 2))
+    model = enable_kv_eviction(tiny_llm("mistral", 2))
     ids, mask = left_padded([11, 4])
     cache = KVEvictionCache(h2o(heavy_budget=3, recent_budget=2), mask)
     generate(model, ids, mask, cache, 6)
@@ -212,7 +212,7 @@ def test_absolute_budget_caps_the_cache():
 
 # ---- (d) sampling and beam search ------------------------------------------------------------------------
 def test_sampling_runs_with_eviction():
-    model = enable_kv_eviction(tiny_model("llama", 2))
+    model = enable_kv_eviction(tiny_llm("llama", 2))
     ids, mask = left_padded([9, 6])
     torch.manual_seed(3)
     cache = KVEvictionCache(h2o(heavy_ratio=0.25, recent_ratio=0.25), mask)
@@ -222,7 +222,7 @@ def test_sampling_runs_with_eviction():
 
 
 def test_several_samples_per_prompt_need_the_repeated_mask():
-    model = enable_kv_eviction(tiny_model("llama", 2))
+    model = enable_kv_eviction(tiny_llm("llama", 2))
     ids, mask = left_padded([9, 6])
     cache = KVEvictionCache(h2o(heavy_ratio=0.25, recent_ratio=0.25), mask.repeat_interleave(3, dim=0))
     out = generate(model, ids, mask, cache, 5, do_sample=True, num_return_sequences=3)
@@ -231,7 +231,7 @@ def test_several_samples_per_prompt_need_the_repeated_mask():
 
 
 def test_beam_search_is_refused():
-    model = enable_kv_eviction(tiny_model("llama", 2))
+    model = enable_kv_eviction(tiny_llm("llama", 2))
     ids, mask = left_padded([8])
     with pytest.raises(ValueError, match="beam search is not supported"):
         generate(model, ids, mask, KVEvictionCache(h2o(), mask), 4, num_beams=2)
@@ -246,19 +246,19 @@ def test_bad_inputs_are_named():
         KVEvictionCache(PruningConfig(), None)
     with pytest.raises(ValueError, match="left-padded"):
         KVEvictionCache(h2o(), torch.tensor([[1, 1, 0]]))
-    model = enable_kv_eviction(tiny_model("llama", 2))
+    model = enable_kv_eviction(tiny_llm("llama", 2))
     ids, mask = left_padded([6])
     with pytest.raises(ValueError, match="attention_mask has 5 columns but the prompt has 6"):
         generate(model, ids, mask, KVEvictionCache(h2o(), mask[:, 1:]), 2)
     with pytest.raises(ValueError, match="not supported"):
-        enable_kv_eviction(tiny_model("llama", 2, attn="eager"))
+        enable_kv_eviction(tiny_llm("llama", 2, attn="eager"))
     sliding = MistralForCausalLM(MistralConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1))
     with pytest.raises(ValueError, match="sliding-window"):
         enable_kv_eviction(sliding)
 
 
 def test_cache_without_enable_fails_loudly():
-    model = tiny_model("llama", 2)
+    model = tiny_llm("llama", 2)
     ids, mask = left_padded([6])
     with pytest.raises(RuntimeError, match="enable_kv_eviction"):
         generate(model, ids, mask, KVEvictionCache(h2o(heavy_ratio=0.25, recent_ratio=0.25), mask), 3)
@@ -279,8 +279,8 @@ def fake_flash_attention(module, query, key, value, attention_mask, scaling=None
 def test_flash_backend_gets_its_own_name_and_a_2d_slot_mask():
     AttentionInterface.register("flash_attention_fake", fake_flash_attention)
     AttentionMaskInterface.register("flash_attention_fake", ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
-    sdpa = enable_kv_eviction(tiny_model("llama", 2))
-    flash = tiny_model("llama", 2)
+    sdpa = enable_kv_eviction(tiny_llm("llama", 2))
+    flash = tiny_llm("llama", 2)
     flash.config._attn_implementation = "flash_attention_fake"
     enable_kv_eviction(flash)
     assert flash.config._attn_implementation == "kv_eviction_flash_attention_fake"

@@ -18,7 +18,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from pruning.h2o import enable_kv_eviction
 from pruning.kv_cache import KVEvictionCache
-from tests.test_kv_cache import generate, h2o, left_padded, tiny_model
+from tests.test_kv_cache import generate, h2o, left_padded, tiny_llm
 
 REFERENCE = "h2o_masked_reference"
 
@@ -135,7 +135,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cache_matches_the_masked_reference(case):
     kind, kv_heads, lengths, config, budgets = CASES[case]
-    model = tiny_model(kind, kv_heads, seed=len(case))
+    model = tiny_llm(kind, kv_heads, seed=len(case))
     ids, mask = left_padded(lengths, seed=len(case))
     new_tokens = 10
     expected, state = run_reference(model, ids, mask, [h for h, _ in budgets], [r for _, r in budgets], new_tokens)
@@ -148,7 +148,7 @@ def test_cache_matches_the_masked_reference(case):
 
 
 def test_padded_batch_equals_batch_of_one_runs():
-    model = tiny_model("llama", 2, seed=5)
+    model = tiny_llm("llama", 2, seed=5)
     lengths, new_tokens = [15, 9, 12], 9
     ids, mask = left_padded(lengths, seed=5)
     config = h2o(heavy_ratio=0.25, recent_ratio=0.25)

@@ -17,9 +17,9 @@ from llava.inference import build_prompt, generate_answers
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
 from llava.model.anyres import AnyresInputError, crop_candidates, crops_per_image, select_crop_tokens, unpad_window
 from llava.model.builder import load_pretrained_model
-from llava.model.tiny import write_tiny_llava_next
+from llava.testing.tiny_llava import write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError
-from tests.conftest import random_image
+from tests.helpers import random_image
 from tests.test_model_equivalence import copy_weights_into, expand_image_tokens
 
 CONV = {"vicuna": "vicuna_v1", "mistral": "mistral_instruct"}

@@ -14,18 +14,12 @@ from pathlib import Path
 import pytest
 
 from llava.eval import model_vqa_loader
-from llava.model.tiny import write_tiny_llava_next
-from tests.conftest import random_image
+from llava.testing.tiny_llava import write_tiny_llava_next
+from tests.helpers import random_image, write_jsonl
 
 SHORT = "\nAnswer the question using a single word or phrase."
 # (width, height): grids 2x1, 1x2, 3x1, 1x3, 2x2 and a small image
 SIZES = [(150, 100), (90, 170), (420, 60), (50, 330), (230, 220), (40, 30)]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def _pope_fixture(root: Path) -> Path:
@@ -40,8 +34,8 @@ def _pope_fixture(root: Path) -> Path:
             lines.append({"question_id": qid, "image": image, "text": text + SHORT, "category": category})
             labels.append({"question_id": n + 1, "image": image, "text": text, "label": label})
             qid += 1
-        _write_jsonl(root / "coco" / f"coco_pope_{category}.json", labels)
-    return _write_jsonl(root / "llava_pope_test.jsonl", lines)
+        write_jsonl(root / "coco" / f"coco_pope_{category}.json", labels)
+    return write_jsonl(root / "llava_pope_test.jsonl", lines)
 
 
 @pytest.fixture(scope="module")

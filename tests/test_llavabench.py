@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from eval.llavabench import SYSTEM_PROMPT, build_content, load_rules, main, parse_scores
-from tests.test_judge import FakeOpenAIServer
+from tests.helpers import FakeOpenAIServer, write_jsonl
 
 QUESTIONS = [
     {"question_id": 0, "image": "001.jpg", "text": "What dish is this?", "category": "conv"},
@@ -38,11 +38,6 @@ REPLIES = {
     "model 4": "Assistant 1 is better.\nNo scores here.",
     "model 3 again": "6 3\nShort.",
 }
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def model_answer_of(body: dict[str, Any]) -> str:

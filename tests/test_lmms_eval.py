@@ -419,14 +419,14 @@ def test_invalid_values_through_lmms_eval_name_the_key(model_args, message):
 
 def write_family(name: str, folder: Path) -> Path:
     if name == "llava-1.6":
-        from llava.model.tiny import write_tiny_llava_next
+        from llava.testing.tiny_llava import write_tiny_llava_next
 
         return write_tiny_llava_next(folder, seed=0)
     if name == "phi-3-vision":
-        from llava.model.phi3v.tiny import write_tiny_phi3v
+        from llava.testing.tiny_phi3v import write_tiny_phi3v
 
         return write_tiny_phi3v(folder)
-    from llava.model.internvl.tiny import write_tiny_internvl
+    from llava.testing.tiny_internvl import write_tiny_internvl
 
     return write_tiny_internvl(folder)
 
@@ -435,7 +435,7 @@ def write_family(name: str, folder: Path) -> Path:
 def test_other_families_score_through_the_same_path(family, tmp_path):
     """Another family plugs in through the loader, its template and default_conv_mode: nothing plugin-specific."""
     from llava.utils import default_conv_mode
-    from tests.conftest import random_image
+    from tests.helpers import random_image
 
     pruning = {"visual_pruning": "longtail", "alpha": 1.0, "kv_pruning": "h2o"}
     checkpoint = write_family(family, tmp_path / family)

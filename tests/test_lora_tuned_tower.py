@@ -27,7 +27,7 @@ from llava.model.builder import load_pretrained_model
 from llava.train import train as train_module
 from llava.utils import load_from_args
 from pruning import pruning_overrides
-from tests.conftest import random_image
+from tests.helpers import random_image
 from tests.test_train_lora import train_args, write_records
 
 REPO = Path(__file__).resolve().parents[1]

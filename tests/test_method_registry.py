@@ -30,7 +30,7 @@ from pruning import (
 )
 from pruning.method_table import main as method_table_main
 from pruning.registry import at_least
-from tests.conftest import REPO, random_image
+from tests.helpers import REPO, random_image
 
 DEMO_CONFIG = REPO / "playground" / "checkpoints" / "llava-v1.5-demo" / "config.json"
 LEGACY_FLAGS = {  # every flag before the registry, with the config key it set

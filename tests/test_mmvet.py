@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from eval.mmvet import build_prompt, load_prompt, main, parse_score
-from tests.test_judge import FakeOpenAIServer
+from tests.helpers import FakeOpenAIServer
 
 QUESTIONS = [
     {"question_id": 0, "image": "v1_0.png", "text": "What is the total?", "category": "conv"},

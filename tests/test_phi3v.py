@@ -24,8 +24,8 @@ from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.model.phi3v.loader import load_phi3v_tokenizer
 from llava.model.phi3v.modeling import bos_after_images
-from llava.model.phi3v.tiny import write_tiny_phi3v
-from tests.conftest import random_image
+from llava.testing.tiny_phi3v import write_tiny_phi3v
+from tests.helpers import random_image
 from tests.test_phi3v_preprocessing import official_preprocess
 
 MAX_INPUT_ID = int(1e9)

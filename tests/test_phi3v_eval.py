@@ -18,10 +18,10 @@ from eval.benchmarks import registered_benchmarks
 from eval.prepare_choice import sqa_prompt
 from llava.inference import build_prompt
 from llava.model.builder import load_pretrained_model
-from llava.model.phi3v.tiny import TinyPhi3VSpec, write_tiny_phi3v
+from llava.testing.tiny_phi3v import TinyPhi3VSpec, write_tiny_phi3v
 from llava.utils import default_conv_mode
 from pruning import PruningConfigError
-from tests.test_eval_e2e import pope_fixture, read_lines, save_image, write_json
+from tests.helpers import pope_fixture, read_jsonl, save_image, write_json
 from tests.test_tables import markdown_cells
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "phi3v" / "eval"
@@ -77,7 +77,7 @@ def script_env(model: Path, eval_dir: Path, ckpt: str = "tiny") -> dict[str, str
 
 
 def check_answers(root: Path, count: int, ckpt: str = "tiny") -> list[dict]:
-    rows = read_lines(root / "answers" / f"{ckpt}.jsonl")
+    rows = read_jsonl(root / "answers" / f"{ckpt}.jsonl")
     assert len(rows) == count
     record = json.loads((root / "answers" / f"{ckpt}.run.json").read_text(encoding="utf-8"))
     assert record["conv_mode"] == "phi3_v"
@@ -98,7 +98,7 @@ def test_pope_script(tiny_phi3v, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Phi-3-vision: MODEL_PATH=" in done.stderr and "mean F1" in done.stdout
     rows = check_answers(root, 6)
-    asked = {row["question_id"]: row["text"] for row in read_lines(questions)}
+    asked = {row["question_id"]: row["text"] for row in read_jsonl(questions)}
     assert all(row["prompt"] == asked[row["question_id"]] for row in rows)  # LLaVA's question, what POPE pairs by
     result = json.loads((root / "results" / "tiny.json").read_text(encoding="utf-8"))
     assert result["benchmark"] == "pope" and "crop_kept" in result["tokens"]

@@ -21,7 +21,7 @@ from llava.model.phi3v.image_processing import (
     hd_grid_for_num_crops,
     num_image_tokens,
 )
-from tests.conftest import random_image
+from tests.helpers import random_image
 
 # (width, height): landscape, portrait, square, very wide, very tall, tiny, odd sizes
 SIZES = [(120, 90), (64, 160), (112, 112), (400, 50), (40, 320), (30, 20), (337, 335), (1000, 999), (3, 700)]

@@ -17,7 +17,7 @@ from llava.inference import generate_answers
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.llava_arch import MultimodalInputError
 from pruning import PruningConfig, register_llm_method, register_vision_method, registry
-from tests.conftest import random_image
+from tests.helpers import random_image
 from tests.test_kv_cache import h2o, left_padded
 from tests.test_kv_reference import run_cache, run_reference
 from tests.test_method_registry import TOY_DROP_KEEP, TOY_LAYER, FirstVisualTokens

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from llava.utils import checkpoint_config, resolved_tower
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DEMO = REPO / "playground" / "checkpoints" / "llava-v1.5-demo"
 

@@ -17,16 +17,12 @@ from eval import tables
 from eval.common import INPUT_ERROR_STATUS, run_record_path, token_means, token_stat
 from llava.eval import merge_chunks, model_vqa_loader, run_record
 from llava.utils import default_conv_mode
-from tests.conftest import REPO, random_image
+from tests.helpers import REPO, random_image, read_jsonl
 
 DEMO = REPO / "playground" / "checkpoints" / "llava-v1.5-demo"
 POPE_MINI = REPO / "playground" / "data" / "eval" / "pope-mini"
 SCRIPTS = REPO / "scripts" / "v1_5" / "eval"
 SUFFIX = "\nAnswer the question using a single word or phrase."
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def pope_script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -131,13 +127,13 @@ def test_a_restored_image_gets_its_failed_answer_retried(tiny_ckpt, short_qa, tm
     (folder / "img_1.png").rename(hidden)
     answers = tmp_path / "answers.jsonl"
     model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers, "--skip-errors", "--batch-size", "2"))
-    assert [r["question_id"] for r in read_lines(answers) if r.get("error")] == [1, 4]
+    assert [r["question_id"] for r in read_jsonl(answers) if r.get("error")] == [1, 4]
 
     hidden.rename(folder / "img_1.png")  # the user restores the image and reruns the same command
     assert model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers, "--batch-size", "2")) == 2
-    rows = read_lines(answers)
+    rows = read_jsonl(answers)
     assert not any(r.get("error") for r in rows) and sorted(r["question_id"] for r in rows) == list(range(5))
-    expected = {r["question_id"]: (r["text"], r["tokens"]) for r in read_lines(reference)}
+    expected = {r["question_id"]: (r["text"], r["tokens"]) for r in read_jsonl(reference)}
     assert {r["question_id"]: (r["text"], r["tokens"]) for r in rows} == expected
 
 
@@ -197,7 +193,7 @@ def test_merging_chunks_answered_with_different_settings_is_refused(tmp_path) ->
     assert not (tmp_path / "merged.jsonl").exists()
     run_record.write_record(run_record_path(Path(chunks[1])), {"benchmark": "b", "conv_mode": "vicuna_v1"})
     assert merge_chunks.main(["--out", str(tmp_path / "merged.jsonl"), *chunks]) == 0
-    assert read_lines(tmp_path / "merged.jsonl") == [{"question_id": 0}, {"question_id": 1}]
+    assert read_jsonl(tmp_path / "merged.jsonl") == [{"question_id": 0}, {"question_id": 1}]
     assert json.loads((tmp_path / "merged.run.json").read_text())["chunks"] == 2
 
 

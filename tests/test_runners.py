@@ -15,21 +15,11 @@ import pytest
 from eval.common import INPUT_ERROR_STATUS
 from llava.eval import model_vqa, model_vqa_loader, model_vqa_mmbench, model_vqa_science, runner
 from llava.eval.runner import RunnerInputError, Sample, get_chunk, pending_samples, read_answered
-from tests.conftest import random_image
+from tests.helpers import random_image, read_jsonl, write_jsonl
 
 BOTH_STAGES = ["--visual-pruning", "longtail", "--kv-pruning", "h2o"]
 TOKEN_KEYS = {"visual_before", "visual_after", "inflection", "prompt", "generated", "kv_final"}
 SUFFIX = "\nAnswer the question using a single word or phrase."
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def comparable(rows: list[dict]) -> list[tuple]:
@@ -147,8 +137,8 @@ def test_answer_lines_carry_upstream_fields_and_token_stats(tiny_ckpt: Path, sho
     questions, folder = short_qa
     answers = tmp_path / "answers.jsonl"
     assert model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers, "--batch-size", "3")) == 7
-    rows = read_lines(answers)
-    asked = read_lines(questions)
+    rows = read_jsonl(answers)
+    asked = read_jsonl(questions)
     assert [r["question_id"] for r in rows] == [q["question_id"] for q in asked]
     for row, question in zip(rows, asked):
         assert {"question_id", "prompt", "text", "answer_id", "model_id", "metadata", "tokens"} <= set(row)
@@ -166,7 +156,7 @@ def test_batch_size_4_gives_the_answers_of_batch_size_1(tiny_ckpt: Path, short_q
     one, four = tmp_path / "bs1.jsonl", tmp_path / "bs4.jsonl"
     model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, one, "--batch-size", "1"))
     model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, four, "--batch-size", "4"))
-    assert comparable(read_lines(one)) == comparable(read_lines(four))
+    assert comparable(read_jsonl(one)) == comparable(read_jsonl(four))
 
 
 def test_two_chunks_merged_equal_one_run(tiny_ckpt: Path, short_qa, tmp_path: Path) -> None:
@@ -178,9 +168,9 @@ def test_two_chunks_merged_equal_one_run(tiny_ckpt: Path, short_qa, tmp_path: Pa
         part = tmp_path / f"2_{idx}.jsonl"
         chunk = ["--num-chunks", "2", "--chunk-idx", str(idx), "--batch-size", "2"]
         model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, part, *chunk))
-        merged += read_lines(part)
-    assert [len(read_lines(tmp_path / f"2_{i}.jsonl")) for i in range(2)] == [4, 3]
-    assert comparable(merged) == comparable(read_lines(whole))
+        merged += read_jsonl(part)
+    assert [len(read_jsonl(tmp_path / f"2_{i}.jsonl")) for i in range(2)] == [4, 3]
+    assert comparable(merged) == comparable(read_jsonl(whole))
 
 
 def test_killed_run_restarts_and_answers_every_question_once(
@@ -208,25 +198,25 @@ def test_killed_run_restarts_and_answers_every_question_once(
     monkeypatch.setattr(runner, "model_generate_fn", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers, "--batch-size", "2"))
-    assert len(read_lines(answers)) == 4  # two batches were flushed before the kill
+    assert len(read_jsonl(answers)) == 4  # two batches were flushed before the kill
     with answers.open("a", encoding="utf-8") as handle:  # ... and a kill in the middle of a write leaves half a line
         handle.write('{"question_id": 104, "prompt": "Is th')
     monkeypatch.setattr(runner, "model_generate_fn", real)
 
     assert model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers, "--batch-size", "2")) == 3
-    rows = read_lines(answers)
+    rows = read_jsonl(answers)
     assert [r["question_id"] for r in rows] == list(range(100, 107))
-    assert comparable(rows) == comparable(read_lines(reference))
+    assert comparable(rows) == comparable(read_jsonl(reference))
     # a third start has nothing left to do and does not touch the file
     assert model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers)) == 0
-    assert len(read_lines(answers)) == 7
+    assert len(read_jsonl(answers)) == 7
 
 
 def test_overwrite_starts_afresh(tiny_ckpt: Path, short_qa, tmp_path: Path) -> None:
     questions, folder = short_qa
     answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": 100, "text": "stale"}])
     model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers, "--overwrite", "--batch-size", "7"))
-    rows = read_lines(answers)
+    rows = read_jsonl(answers)
     assert len(rows) == 7 and all("tokens" in row for row in rows)  # the stale line (no tokens) is gone
 
 
@@ -252,14 +242,14 @@ def test_skip_errors_records_the_failure_and_the_scorer_counts_it_wrong(tiny_ckp
     with pytest.raises(SystemExit, match=r"question_id 101 .*img_1\.png"):
         model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers, "--batch-size", "4"))
     model_vqa_loader.main(loader_args(tiny_ckpt, questions, folder, answers, "--batch-size", "4", "--skip-errors"))
-    rows = read_lines(answers)
+    rows = read_jsonl(answers)
     failed = [r for r in rows if "error" in r]
     assert [r["question_id"] for r in failed] == [101, 105]
     assert all(r["text"] == "" and "img_1.png" in r["error"] and r["tokens"] == {} for r in failed)
     assert all("error" not in r and r["tokens"] for r in rows if r["question_id"] not in (101, 105))
 
     # POPE-score it: the failed questions are wrong whatever their label
-    lines = read_lines(questions)
+    lines = read_jsonl(questions)
     pope_questions = write_jsonl(tmp_path / "pope.jsonl", [{**q, "category": "random"} for q in lines])
     labels = [{"question_id": q["question_id"], "image": q["image"], "label": "yes"} for q in lines]
     write_jsonl(tmp_path / "coco" / "coco_pope_random.json", labels)
@@ -308,7 +298,7 @@ def test_science_moves_image_to_front_and_runs_text_only_problems_without_one(ti
     answers = tmp_path / "answers.jsonl"
     argv = loader_args(tiny_ckpt, questions, folder, answers, "--single-pred-prompt", "--batch-size", "3")
     model_vqa_science.main(argv)
-    rows = {r["question_id"]: r for r in read_lines(answers)}
+    rows = {r["question_id"]: r for r in read_jsonl(answers)}
     instruction = "\nAnswer with the option's letter from the given choices directly."
     assert (
         rows["10"]["prompt"] == "<image>\nContext: A picture.\nWhich shape is red?\nA. circle\nB. square" + instruction
@@ -371,10 +361,10 @@ def test_mmbench_rounds_rotate_options_and_a_corrupt_row_names_id_and_file(tiny_
     with pytest.raises(SystemExit) as stop:
         model_vqa_mmbench.main(argv)
     assert "question_id 7" in str(stop.value) and str(tsv) in str(stop.value)
-    assert len(read_lines(answers)) == 4  # the first batch was written before the bad row came up
+    assert len(read_jsonl(answers)) == 4  # the first batch was written before the bad row came up
 
     model_vqa_mmbench.main([*argv, "--skip-errors"])
-    rows = read_lines(answers)
+    rows = read_jsonl(answers)
     assert [(r["question_id"], r["round_id"]) for r in rows] == [(5, 0), (5, 1), (5, 2), (6, 0), (6, 1), (7, 0), (7, 1)]
     assert rows[0]["prompt"] == "A photo.\nWhat is it?\nA. cat\nB. dog\nC. cow"
     assert rows[1]["prompt"] == "A photo.\nWhat is it?\nA. dog\nB. cow\nC. cat"

@@ -8,6 +8,7 @@ import pytest
 
 from eval import pope
 from eval.common import EvalInputError
+from tests.helpers import read_jsonl, write_jsonl
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 # (question id, category, image, object, label); POPE asks about several objects per image, and its own label files
@@ -32,11 +33,6 @@ ANSWERS = {
     6: "Yes.",  # TP
     # 7 (label no) has no answer: scored as a false alarm; 8 (label yes) is a runner error: a miss.
 }
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 @pytest.fixture
@@ -120,17 +116,13 @@ def test_misordered_label_file_is_an_error(files, tmp_path):
         run(files, write_answers(tmp_path / "answers.jsonl"))
 
 
-def read_lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.mark.parametrize("with_ids", [False, True])
 def test_swapped_label_lines_of_one_image_are_an_error(files, tmp_path, with_ids):
     # Lines 1 and 2 of the random file are both about r1.jpg: only the question text tells them apart. Without ids
     # the lines pair in file order; with ids (a label file from another set whose ids overlap) they pair by id.
     coco, _ = files
     path = coco / "coco_pope_random.json"
-    lines = read_lines(path)
+    lines = read_jsonl(path)
     lines[0], lines[1] = lines[1], lines[0]
     if with_ids:
         lines = [{**line, "question_id": 5 + n} for n, line in enumerate(lines)]
@@ -147,7 +139,7 @@ def test_swapped_label_lines_of_one_image_are_an_error(files, tmp_path, with_ids
 def test_answers_from_another_pope_set_are_an_error(files, tmp_path):
     # Another set numbered 1..8 too: same ids, other questions. Its answers must not be scored against our labels.
     answers = write_answers(tmp_path / "answers.jsonl")
-    rows = read_lines(answers)
+    rows = read_jsonl(answers)
     rows[2]["prompt"] = "Is there a bird in the image?" + SUFFIX  # question 3 asks about a dog here
     write_jsonl(answers, rows)
     with pytest.raises(EvalInputError) as error:

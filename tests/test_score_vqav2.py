@@ -6,11 +6,7 @@ import pytest
 
 from eval import vqav2
 from eval.common import EvalInputError
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+from tests.helpers import write_jsonl
 
 
 def answer(qid, text=None, error=None):

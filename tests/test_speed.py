@@ -5,106 +5,111 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from eval import speed
 from eval.roofline import prefill_cost
-from eval.speed_models import (
+from eval.tools import speed
+from eval.tools.speed_models import (
+    build_prompt_batch,
     build_random_llava,
-    build_workload,
-    choose_alpha,
     flatten_crops,
     get_geometry,
-    kept_per_crop,
     plan_rows,
     prompt_ids,
     synthetic_images,
 )
+from eval.tools.speed_results import Row, SpeedReport
 from llava.constants import IMAGE_TOKEN_INDEX
 from pruning import PruningConfig
+from pruning.calibrate import alpha_for_target
+from pruning.inflection import longtail_keep
+from pruning.strategies import scoring_config
 
 TIME_RATIOS = ("prefill_speedup", "llm_prefill_speedup", "decode_speedup", "throughput_ratio")
 IDEAL_RATIOS = ("ideal_prefill_speedup", "ideal_llm_prefill_speedup", "ideal_llm_roofline_time_speedup")
 
 
-def _run(model_path, out, *extra: str) -> dict:
+def _run(model_path, out, *extra: str) -> SpeedReport:
     argv = ["--model-path", str(model_path), "--batch-sizes", "1", "2", "--repeats", "1", "--warmup", "0"]
     return speed.main([*argv, "--new-tokens", "3", "--text-tokens", "12", "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
-def tiny_result(tiny_ckpt, tmp_path_factory):
+def tiny_result(tiny_ckpt, tmp_path_factory) -> tuple[Path, SpeedReport]:
     out = tmp_path_factory.mktemp("speed")
     return out, _run(tiny_ckpt, out, "--target-visual-tokens", "30")
 
 
 def test_writes_json_markdown_and_png(tiny_result):
-    out, result = tiny_result
-    assert json.loads((out / "speed.json").read_text()) == json.loads(json.dumps(result))
+    out, report = tiny_result
+    written = json.loads((out / "speed.json").read_text())
+    assert written == json.loads(json.dumps(report.to_json()))
+    assert list(written) == ["suite", "command", "setup", "configs", "rows", "batch_scaling", "headline"]
+    assert list(written["rows"][0]) == [*Row.__dataclass_fields__]  # a row's fields, in order, ratios last
     text = (out / "speed.md").read_text()
-    assert result["command"] in text and "| Batch | Row |" in text
+    assert report.command in text and "| Batch | Row |" in text
     for name in speed.ROWS:
         assert f"`{name}`" in text
     assert (out / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_every_row_at_every_batch_size_with_finite_ratios(tiny_result):
-    _, result = tiny_result
-    rows = {(row["config"], row["batch"]): row for row in result["rows"]}
+    _, report = tiny_result
+    rows = {(row.config, row.batch): row for row in report.rows}
     assert set(rows) == {(name, batch) for name in speed.ROWS for batch in (1, 2)}
     for (name, _), row in rows.items():
         for key in (*TIME_RATIOS, *IDEAL_RATIOS, "prefill_vs_ideal"):
-            value = row["ratios"][key]
+            value = getattr(row.ratios, key)
             assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, key, value)
-        assert len(row["repeats"]) == 1 and len(row["token_stats"]) == row["batch"]
+        assert len(row.repeats) == 1 and len(row.token_stats) == row.batch
         if name == "none":
-            assert all(row["ratios"][key] == 1.0 for key in (*TIME_RATIOS, *IDEAL_RATIOS))
-    for name, scaling in result["batch_scaling"].items():
+            assert all(getattr(row.ratios, key) == 1.0 for key in (*TIME_RATIOS, *IDEAL_RATIOS))
+    for name, scaling in report.batch_scaling.items():
         assert scaling["1"] == 1.0 and math.isfinite(scaling["2"]), name
-    head = result["headline"]
-    assert set(head["ours_s1_prefill"]) == {"1", "2"}
-    assert all(math.isfinite(h["prefill_vs_ideal"]) for h in head["ours_s1_prefill"].values())
-    assert head["throughput_scaling"]["to"] == "2" and set(head["throughput_scaling"]) >= set(speed.ROWS)
+    head = report.headline
+    assert set(head.ours_s1_prefill) == {"1", "2"}
+    assert all(math.isfinite(h.prefill_vs_ideal) for h in head.ours_s1_prefill.values())
+    scaling = head.throughput_scaling.to_json()
+    assert scaling["to"] == "2" and set(scaling) >= set(speed.ROWS)
 
 
 def test_rows_keep_the_planned_counts(tiny_result):
     """topk keeps ours' mean count; on LLaVA-1.5 the plan's prediction is exact; stage 2 caps the KV at P."""
-    _, result = tiny_result
-    rows = {(row["config"], row["batch"]): row for row in result["rows"]}
+    _, report = tiny_result
+    rows = {(row.config, row.batch): row for row in report.rows}
     for batch in (1, 2):
-        plan = result["setup"]["plans"][str(batch)]
-        assert rows["none", batch]["visual_tokens"] == result["setup"]["patches_per_crop"] == 64
-        assert rows["ours-s1", batch]["visual_tokens"] == plan["visual_tokens"]
-        assert all(s["visual_after"] == plan["topk"] for s in rows["topk", batch]["token_stats"])
-        assert rows["ours-s12", batch]["visual_tokens"] == plan["visual_tokens"]
+        plan = report.setup.plans[batch]
+        assert rows["none", batch].visual_tokens == report.setup.patches_per_crop == 64
+        assert rows["ours-s1", batch].visual_tokens == plan.visual_tokens
+        assert all(s["visual_after"] == plan.topk for s in rows["topk", batch].token_stats)
+        assert rows["ours-s12", batch].visual_tokens == plan.visual_tokens
         s1, s12 = rows["ours-s1", batch], rows["ours-s12", batch]
-        assert s1["kv_final"] == s1["prompt_tokens"] + 3  # P + G without eviction
-        assert s12["kv_final"] == s12["prompt_tokens"]  # budget = (0.5 + 0.5) * P
-        if plan["reachable"]:
-            assert abs(plan["visual_tokens"] - 30) <= 1.5
+        assert s1.kv_final == s1.prompt_tokens + 3  # P + G without eviction
+        assert s12.kv_final == s12.prompt_tokens  # budget = (0.5 + 0.5) * P
+        if plan.reachable:
+            assert abs(plan.visual_tokens - 30) <= 1.5
 
 
 def test_ideal_ratio_is_the_roofline_ops_ratio(tiny_result, tiny_model):
-    _, result = tiny_result
+    _, report = tiny_result
     config = tiny_model[1].config.to_dict()
-    rows = {(row["config"], row["batch"]): row for row in result["rows"]}
+    rows = {(row.config, row.batch): row for row in report.rows}
     none, ours = rows["none", 1], rows["ours-s1", 1]
-    expected = (
-        prefill_cost(config, int(none["prompt_tokens"])).ops / prefill_cost(config, int(ours["prompt_tokens"])).ops
-    )
-    assert ours["ratios"]["ideal_llm_prefill_speedup"] == pytest.approx(expected)
+    expected = prefill_cost(config, int(none.prompt_tokens)).ops / prefill_cost(config, int(ours.prompt_tokens)).ops
+    assert ours.ratios.ideal_llm_prefill_speedup == pytest.approx(expected)
     # vision work is the same in every row ('select' mode), so the end-to-end ideal is diluted by it
-    assert 1 < ours["ratios"]["ideal_prefill_speedup"] < expected
-    assert ours["ideal_ops"]["vision"] == none["ideal_ops"]["vision"]
+    assert 1 < ours.ratios.ideal_prefill_speedup < expected
+    assert ours.ideal_ops.vision == none.ideal_ops.vision
     # a batch of one has no padding; at batch 2 the padded figure counts both samples at the longer prompt
-    assert ours["ratios"]["ideal_padded_prefill_speedup"] == pytest.approx(ours["ratios"]["ideal_prefill_speedup"])
+    assert ours.ratios.ideal_padded_prefill_speedup == pytest.approx(ours.ratios.ideal_prefill_speedup)
     pair = rows["ours-s1", 2]
-    longest = max(s["prompt"] for s in pair["token_stats"])
-    assert pair["prompt_tokens_max"] == longest
-    assert pair["ideal_ops"]["llm_padded"] == pytest.approx(prefill_cost(config, longest, batch=2).ops)
-    assert pair["ideal_ops"]["llm_padded"] >= pair["ideal_ops"]["llm"]
+    longest = max(s["prompt"] for s in pair.token_stats)
+    assert pair.prompt_tokens_max == longest
+    assert pair.ideal_ops.llm_padded == pytest.approx(prefill_cost(config, longest, batch=2).ops)
+    assert pair.ideal_ops.llm_padded >= pair.ideal_ops.llm
 
 
 def test_vision_ops_by_hand():
@@ -118,28 +123,33 @@ def test_vision_ops_by_hand():
 
 
 def test_accepts_a_llava16_checkpoint(tmp_path):
-    from llava.model.tiny import write_tiny_llava_next
+    from llava.testing.tiny_llava import write_tiny_llava_next
 
     ckpt = write_tiny_llava_next(tmp_path / "llava-v1.6-mistral-tiny", seed=1, llm="mistral")
-    result = speed.main(
+    report = speed.main(
         ["--model-path", str(ckpt), "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2",
          "--text-tokens", "8", "--image-size", "200", "120", "--no-plot", "--out", str(tmp_path / "out")]
     )  # fmt: skip
-    rows = {row["config"]: row for row in result["rows"]}
+    rows = {row.config: row for row in report.rows}
     assert set(rows) == set(speed.ROWS)
-    assert len(rows["none"]["token_stats"][0]["crop_kept"]) > 1  # anyres: several crops per image
-    assert rows["ours-s1"]["visual_tokens"] < rows["none"]["visual_tokens"]
-    assert all(math.isfinite(rows[name]["ratios"]["prefill_speedup"]) for name in rows)
+    assert len(rows["none"].token_stats[0]["crop_kept"]) > 1  # anyres: several crops per image
+    assert rows["ours-s1"].visual_tokens < rows["none"].visual_tokens
+    assert all(math.isfinite(rows[name].ratios.prefill_speedup) for name in rows)
     assert not (tmp_path / "out" / "speed.png").exists()
 
 
-def test_choose_alpha_hits_the_target_with_the_largest_alpha():
+def test_the_calibrated_alpha_hits_the_target_with_the_largest_alpha():
     inflection = torch.tensor([10, 20])
-    alpha = choose_alpha(inflection, n=64, images=2, target=30)
+
+    def mean_per_image(alpha: float) -> float:
+        return float(longtail_keep(inflection, 64, alpha).sum()) / 2
+
+    alpha = alpha_for_target(mean_per_image, 30, decimals=3)
     # ceil(10/a) = 20 and ceil(20/a) = 40 for a in [0.5, 0.5128...): the largest 3-decimal alpha there is 0.512
     assert alpha == 0.512
-    assert kept_per_crop(inflection, alpha, 64).tolist() == [20, 40]
-    assert choose_alpha(inflection, n=64, images=2, target=5) == 1.0  # below the mean i*: out of reach
+    assert longtail_keep(inflection, 64, alpha).tolist() == [20, 40]
+    assert alpha_for_target(mean_per_image, 5, decimals=3) == 1.0  # below the mean i*: out of reach
+    assert plan_rows(inflection, [1, 1], 64, PruningConfig(), batch=2, target=30).alpha == 0.512
 
 
 def test_plan_rows_per_batch_and_bad_targets():
@@ -160,10 +170,12 @@ def test_random_geometry_builds_the_requested_model():
     _, model, processor, context = build_random_llava(geometry, cls_logit_std=2.0)
     assert len(model.get_model().layers) == model.config.num_hidden_layers == 3
     assert model.get_vision_tower().num_patches == 64 and context == 2048
-    workload = build_workload(model, processor, synthetic_images(4, (160, 120)), text_tokens=10)
-    flat, crops = flatten_crops(workload.pixel_values)
+    prompts = build_prompt_batch(model, processor, synthetic_images(4, (160, 120)), text_tokens=10)
+    flat, crops = flatten_crops(prompts.pixel_values)
     assert flat.shape == (4, 3, 112, 112) and crops == [1, 1, 1, 1]
-    scores = model.get_vision_tower().select(flat, model.pruning_config).scores
+    assert prompts.first(2).input_ids.shape == (2, 11) and prompts.first(2).image_sizes == [(160, 120)] * 2
+    # the model's own setting scores nothing (pruning off); the scores of its scoring layer:
+    scores = model.get_vision_tower().select(flat, scoring_config(model.pruning_config)).scores
     spread = scores.log().std(dim=-1)
     assert bool(((spread > 0.8) & (spread < 3.5)).all()), spread  # re-drawn q/k: a long tail, not a flat curve
     with pytest.raises(ValueError, match="unknown geometry"):

@@ -90,8 +90,8 @@ def test_gradients_reach_projector_through_the_selection(tiny_model, images):
 def test_visualize_command_writes_both_figures(tiny_ckpt, tmp_path):
     from PIL import Image
 
-    from pruning import visualize
-    from tests.conftest import random_image
+    from eval.tools import visualize
+    from tests.helpers import random_image
 
     image = tmp_path / "scene.png"
     random_image(5).save(image)

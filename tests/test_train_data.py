@@ -24,7 +24,7 @@ from llava.train.data import (
     training_template,
 )
 from llava.train.llava_trainer import modality_grouped_indices, param_groups, split_evenly
-from tests.conftest import LLAMA2_TOKENIZER, random_image
+from tests.helpers import LLAMA2_TOKENIZER, random_image
 
 V1 = training_template("v1")
 

@@ -18,7 +18,7 @@ from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.train import train as train_module
 from llava.train.callbacks import NON_LORA_FILE, non_lora_state
-from tests.conftest import random_image
+from tests.helpers import random_image
 from tests.test_builder import _write_base_llm
 
 REPO = Path(__file__).resolve().parents[1]

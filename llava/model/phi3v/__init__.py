@@ -1,6 +1,6 @@
 """Phi-3-vision (microsoft/Phi-3-vision-128k-instruct) as released, on transformers 5.23 without remote code:
 config (config.py), HD-transform preprocessing (image_processing.py), the model (modeling.py), loading a release
-folder (loader.py) and tiny random checkpoints for tests (tiny.py). See docs/models.md."""
+folder (loader.py); tiny random checkpoints for tests are written by llava.testing.tiny_phi3v. See docs/models.md."""
 
 from llava.model.phi3v.config import Phi3VConfig, Phi3VConfigError, phi3v_config
 from llava.model.phi3v.image_processing import HDGrid, Phi3VImageError, Phi3VImageProcessor, hd_grid, num_image_tokens

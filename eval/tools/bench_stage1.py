@@ -1,6 +1,6 @@
 """What stage 1 costs inside the vision tower: plain tower vs tower + CLS scoring + selection, in one run.
 
-    python -m eval.bench_stage1 [--batch-size 1] [--repeats 7] [--device cpu]
+    python -m eval.tools.bench_stage1 [--batch-size 1] [--repeats 7] [--device cpu]
 
 Geometry is LLaVA-1.5's tower (CLIP ViT-L/14-336: 24 layers, hidden 1024, 16 heads, 577 tokens) with random
 weights: the cost of scoring and selecting does not depend on the weights. The kept count does (random weights give

@@ -1,8 +1,8 @@
 """Speed and memory of the KV-eviction cache against a plain DynamicCache, as ratios measured in one run.
 
-    python -m eval.bench_kv                       # Vicuna-7B layer geometry, 2 layers, fp32 on CPU (a few minutes)
-    python -m eval.bench_kv --layers 4 --prompt 2048 --generated 1024 4096
-    python -m eval.bench_kv --batch 8 --prompt 256 --dtype bfloat16    # left-padded batch, prompts 256 down to 144
+    python -m eval.tools.bench_kv                       # Vicuna-7B layer geometry, 2 layers, fp32 on CPU (a few minutes)
+    python -m eval.tools.bench_kv --layers 4 --prompt 2048 --generated 1024 4096
+    python -m eval.tools.bench_kv --batch 8 --prompt 256 --dtype bfloat16    # left-padded batch, prompts 256 down to 144
 
 The model has Vicuna-7B's layer geometry (hidden 4096, 32 heads, MLP 11008) with random weights and a small vocabulary;
 only the relative figures are meaningful. Reported:

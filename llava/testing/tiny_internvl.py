@@ -1,6 +1,6 @@
 """Write a tiny random InternVL2 checkpoint in the release's folder layout, for tests:
 
-    python -m llava.model.internvl.tiny --out checkpoints/internvl2-tiny
+    python -m llava.testing.tiny_internvl --out checkpoints/internvl2-tiny
 
 Like OpenGVLab/InternVL2-1B: ``config.json`` (``model_type`` "internvl_chat", ``llm_config`` a Qwen2 config in the
 4.x key style asking for flash-attention, ``vision_config`` an InternViT config, ``auto_map``, template "Hermes-2",

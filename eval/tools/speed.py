@@ -1,8 +1,8 @@
 """Speed suite: prefill, decode, peak memory and throughput with and without pruning, as ratios from one process.
 
-    python -m eval.speed                                       # GPU: LLaVA-1.5-7B geometry, random weights, fp16
-    python -m eval.speed --model-path liuhaotian/llava-v1.5-7b # any checkpoint load_pretrained_model loads
-    python -m eval.speed --llm-layers 2 --dtype bfloat16 --threads 1 --clock cpu --new-tokens 8   # docs/speed.md (CPU)
+    python -m eval.tools.speed                                       # GPU: LLaVA-1.5-7B geometry, random weights, fp16
+    python -m eval.tools.speed --model-path liuhaotian/llava-v1.5-7b # any checkpoint load_pretrained_model loads
+    python -m eval.tools.speed --llm-layers 2 --dtype bfloat16 --threads 1 --clock cpu --new-tokens 8   # docs/speed.md (CPU)
 
 Four rows, each timed at every batch size (see docs/speed.md for what they mean and for measured figures):
 
@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +41,32 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from eval.common import format_table
 from eval.roofline import prefill_cost
-from eval.speed_models import (
+from eval.tools.speed_models import (
+    PromptBatch,
     RowPlan,
-    Workload,
-    build_workload,
+    build_prompt_batch,
+    build_random_llava,
     flatten_crops,
     folder_images,
+    get_geometry,
     inflection_points,
     plan_rows,
     row_configs,
     synthetic_images,
 )
+from eval.tools.speed_results import (
+    Headline,
+    IdealCost,
+    PrefillHeadline,
+    Ratios,
+    Row,
+    RowSettings,
+    RunResult,
+    Setup,
+    SpeedReport,
+    ThroughputScaling,
+)
+from llava.model.builder import load_pretrained_model
 from pruning import PruningConfig
 
 ROWS = ("none", "topk", "ours-s1", "ours-s12")
@@ -135,19 +149,6 @@ class MemoryMeter:
             self.extra = self.peak - self._base
 
 
-@dataclass
-class RunResult:
-    prefill_s: float  # call start -> first logits
-    vision_s: float  # call start -> the LLM's first forward (tower, projector, merge, cache setup)
-    llm_prefill_s: float  # the LLM's prefill forward (+ first-token sampling)
-    decode_s_per_token: float
-    total_s: float
-    throughput: float  # generated tokens per second, whole batch
-    peak_bytes: int | None
-    extra_bytes: int | None
-    token_stats: list[dict[str, Any]] = field(default_factory=list)
-
-
 def _syncer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
@@ -158,14 +159,13 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 
 
 def run_once(
-    model, inputs: tuple, pruning: PruningConfig, new_tokens: int, clock: Callable[[], float] = time.perf_counter
+    model, batch: PromptBatch, pruning: PruningConfig, new_tokens: int, clock: Callable[[], float] = time.perf_counter
 ) -> RunResult:
     """One ``model.generate`` call producing exactly ``new_tokens`` tokens per sample, timed step by step.
 
     ``clock`` is wall time, or the process's CPU time (``time.process_time``), which on a CPU shared with other jobs
     counts our work and not the time slices they take (with one thread: otherwise idle threads spinning count too).
     """
-    ids, mask, pixels, sizes = inputs
     sync = _syncer(model.device)
     steps = _StepClock(sync, clock)
     llm_starts: list[float] = []
@@ -181,10 +181,10 @@ def run_once(
             sync()
             start = clock()
             out = model.generate(
-                ids,
-                attention_mask=mask,
-                images=pixels,
-                image_sizes=sizes,
+                batch.input_ids,
+                attention_mask=batch.attention_mask,
+                images=batch.pixel_values,
+                image_sizes=batch.image_sizes,
                 pruning=pruning,
                 return_stats=True,
                 max_new_tokens=new_tokens,
@@ -211,7 +211,7 @@ def run_once(
         llm_prefill_s=first - llm_starts[0],
         decode_s_per_token=(last - first) / (new_tokens - 1),
         total_s=end - start,
-        throughput=ids.shape[0] * new_tokens / (end - start),
+        throughput=batch.size * new_tokens / (end - start),
         peak_bytes=memory.peak,
         extra_bytes=memory.extra,
         token_stats=out.token_stats,
@@ -243,23 +243,6 @@ def projector_ops(projector: torch.nn.Module, tokens: int) -> float:
     return tokens * sum(
         2 * m.in_features * m.out_features for m in projector.modules() if isinstance(m, torch.nn.Linear)
     )
-
-
-@dataclass
-class IdealCost:
-    vision: float
-    projector: float
-    llm: float  # every sample at its own prompt length
-    llm_seconds: float  # the same on the roofline of --hardware
-    llm_padded: float  # every sample at the batch's longest prompt: what a left-padded batch computes
-
-    @property
-    def total(self) -> float:
-        return self.vision + self.projector + self.llm
-
-    @property
-    def total_padded(self) -> float:
-        return self.vision + self.projector + self.llm_padded
 
 
 def ideal_cost(model, stats: list[dict[str, Any]], crops: list[int], visual_layer: int, hardware: str) -> IdealCost:
@@ -294,87 +277,88 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def summarise(name: str, batch: int, runs: list[RunResult], ideal: IdealCost, config: PruningConfig) -> dict:
+def summarise(name: str, batch: int, runs: list[RunResult], ideal: IdealCost, config: PruningConfig) -> Row:
+    """Medians of the timed runs; token figures from the first run (every run keeps the same tokens)."""
     stats = runs[0].token_stats
     extra = [r.extra_bytes for r in runs if r.extra_bytes is not None]
     peak = [r.peak_bytes for r in runs if r.peak_bytes is not None]
-    return {
-        "config": name,
-        "batch": batch,
-        "pruning": config.describe(),
-        "visual_tokens": _mean(stats, "visual_after"),
-        "prompt_tokens": _mean(stats, "prompt"),
-        "kv_final": _mean(stats, "kv_final"),
-        "prefill_s": statistics.median(r.prefill_s for r in runs),
-        "vision_s": statistics.median(r.vision_s for r in runs),
-        "llm_prefill_s": statistics.median(r.llm_prefill_s for r in runs),
-        "decode_s_per_token": statistics.median(r.decode_s_per_token for r in runs),
-        "total_s": statistics.median(r.total_s for r in runs),
-        "throughput_tok_s": statistics.median(r.throughput for r in runs),
-        "peak_bytes": max(peak) if peak else None,
-        "extra_bytes": max(extra) if extra else None,
-        "prompt_tokens_max": max(int(s["prompt"]) for s in stats),
-        "ideal_ops": asdict(ideal) | {"total": ideal.total, "total_padded": ideal.total_padded},
-        "repeats": [asdict(r) | {"token_stats": None} for r in runs],
-        "token_stats": stats,
-    }
+    return Row(
+        config=name,
+        batch=batch,
+        pruning=config.describe(),
+        visual_tokens=_mean(stats, "visual_after"),
+        prompt_tokens=_mean(stats, "prompt"),
+        kv_final=_mean(stats, "kv_final"),
+        prefill_s=statistics.median(r.prefill_s for r in runs),
+        vision_s=statistics.median(r.vision_s for r in runs),
+        llm_prefill_s=statistics.median(r.llm_prefill_s for r in runs),
+        decode_s_per_token=statistics.median(r.decode_s_per_token for r in runs),
+        total_s=statistics.median(r.total_s for r in runs),
+        throughput_tok_s=statistics.median(r.throughput for r in runs),
+        peak_bytes=max(peak) if peak else None,
+        extra_bytes=max(extra) if extra else None,
+        prompt_tokens_max=max(int(s["prompt"]) for s in stats),
+        ideal_ops=ideal,
+        repeats=runs,
+        token_stats=stats,
+    )
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Ratios to the 'none' row of the same batch size: speedups for times, plain ratios for the rest."""
-    baseline = {row["batch"]: row for row in rows if row["config"] == "none"}
+def ratios_to(base: Row, row: Row) -> Ratios:
+    """``row`` against ``base``, the 'none' row of the same batch size."""
+    measured = _ratio(base.prefill_s, row.prefill_s)
+    ideal = _ratio(base.ideal_ops.total, row.ideal_ops.total)
+    return Ratios(
+        prefill_speedup=measured,
+        llm_prefill_speedup=_ratio(base.llm_prefill_s, row.llm_prefill_s),
+        decode_speedup=_ratio(base.decode_s_per_token, row.decode_s_per_token),
+        throughput_ratio=_ratio(row.throughput_tok_s, base.throughput_tok_s),
+        extra_memory_ratio=_ratio(row.extra_bytes, base.extra_bytes),
+        ideal_prefill_speedup=ideal,
+        ideal_padded_prefill_speedup=_ratio(base.ideal_ops.total_padded, row.ideal_ops.total_padded),
+        ideal_llm_prefill_speedup=_ratio(base.ideal_ops.llm, row.ideal_ops.llm),
+        ideal_llm_roofline_time_speedup=_ratio(base.ideal_ops.llm_seconds, row.ideal_ops.llm_seconds),
+        prefill_vs_ideal=_ratio(measured, ideal),
+    )
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Sets every row's ratios to the 'none' row of its batch size."""
+    baseline = {row.batch: row for row in rows if row.config == "none"}
     for row in rows:
-        base = baseline[row["batch"]]
-        measured = _ratio(base["prefill_s"], row["prefill_s"])
-        ideal = _ratio(base["ideal_ops"]["total"], row["ideal_ops"]["total"])
-        row["ratios"] = {
-            "prefill_speedup": measured,
-            "llm_prefill_speedup": _ratio(base["llm_prefill_s"], row["llm_prefill_s"]),
-            "decode_speedup": _ratio(base["decode_s_per_token"], row["decode_s_per_token"]),
-            "throughput_ratio": _ratio(row["throughput_tok_s"], base["throughput_tok_s"]),
-            "extra_memory_ratio": _ratio(row["extra_bytes"], base["extra_bytes"]),
-            "ideal_prefill_speedup": ideal,
-            "ideal_padded_prefill_speedup": _ratio(base["ideal_ops"]["total_padded"], row["ideal_ops"]["total_padded"]),
-            "ideal_llm_prefill_speedup": _ratio(base["ideal_ops"]["llm"], row["ideal_ops"]["llm"]),
-            "ideal_llm_roofline_time_speedup": _ratio(
-                base["ideal_ops"]["llm_seconds"], row["ideal_ops"]["llm_seconds"]
-            ),
-            "prefill_vs_ideal": _ratio(measured, ideal),
-        }
+        row.ratios = ratios_to(baseline[row.batch], row)
 
 
-def batch_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+def batch_scaling(rows: list[Row]) -> dict[str, dict[str, float | None]]:
     """Throughput at each batch size over throughput at the smallest, per row."""
     out: dict[str, dict[str, float | None]] = {}
     for name in ROWS:
-        mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["batch"])
+        mine = sorted((r for r in rows if r.config == name), key=lambda r: r.batch)
         if mine:
-            out[name] = {str(r["batch"]): _ratio(r["throughput_tok_s"], mine[0]["throughput_tok_s"]) for r in mine}
+            out[name] = {str(r.batch): _ratio(r.throughput_tok_s, mine[0].throughput_tok_s) for r in mine}
     return out
 
 
-def headline(rows: list[dict[str, Any]], scaling: dict[str, dict[str, float | None]]) -> dict[str, Any]:
+def headline(rows: list[Row], scaling: dict[str, dict[str, float | None]]) -> Headline:
     """The acceptance figures: ours-s1 vs none at each batch size against the ideal, and throughput scaling."""
-    smallest = str(min(r["batch"] for r in rows))
-    largest = str(max(r["batch"] for r in rows))
+    smallest = str(min(r.batch for r in rows))
+    largest = str(max(r.batch for r in rows))
     prefill = {}
-    for ours in (r for r in rows if r["config"] == "ours-s1"):
-        ratios = ours["ratios"]
-        vs_ideal = ratios["prefill_vs_ideal"]
-        prefill[str(ours["batch"])] = {
-            "visual_tokens": ours["visual_tokens"],
-            "prefill_speedup": ratios["prefill_speedup"],
-            "ideal_prefill_speedup": ratios["ideal_prefill_speedup"],
-            "prefill_vs_ideal": vs_ideal,
-            "within_15_percent_of_ideal": vs_ideal is not None and abs(vs_ideal - 1) <= 0.15,
-            "ideal_padded_prefill_speedup": ratios["ideal_padded_prefill_speedup"],
-            "llm_prefill_speedup": ratios["llm_prefill_speedup"],
-            "ideal_llm_prefill_speedup": ratios["ideal_llm_prefill_speedup"],
-        }
-    return {
-        "ours_s1_prefill": prefill,
-        "throughput_scaling": {"from": smallest, "to": largest, **{n: s[largest] for n, s in scaling.items()}},
-    }
+    for ours in (r for r in rows if r.config == "ours-s1"):
+        ratios = ours.ratios
+        vs_ideal = ratios.prefill_vs_ideal
+        prefill[str(ours.batch)] = PrefillHeadline(
+            visual_tokens=ours.visual_tokens,
+            prefill_speedup=ratios.prefill_speedup,
+            ideal_prefill_speedup=ratios.ideal_prefill_speedup,
+            prefill_vs_ideal=vs_ideal,
+            within_15_percent_of_ideal=vs_ideal is not None and abs(vs_ideal - 1) <= 0.15,
+            ideal_padded_prefill_speedup=ratios.ideal_padded_prefill_speedup,
+            llm_prefill_speedup=ratios.llm_prefill_speedup,
+            ideal_llm_prefill_speedup=ratios.ideal_llm_prefill_speedup,
+        )
+    scaling_to_largest = {name: values[largest] for name, values in scaling.items()}
+    return Headline(prefill, ThroughputScaling(smallest, largest, scaling_to_largest))
 
 
 def _log(message: str) -> None:
@@ -383,33 +367,32 @@ def _log(message: str) -> None:
 
 def run_suite(
     model,
-    workload: Workload,
+    prompts: PromptBatch,
     plans: dict[int, RowPlan],
     repeats: int,
     warmup: int,
     new_tokens: int,
     hardware: str,
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Rows at every batch size, and the configuration of each row (per batch size: alpha and k may differ).
+) -> tuple[list[Row], dict[str, RowSettings]]:
+    """Rows at every batch size, and the settings of each row (per batch size: alpha and k may differ).
 
     Warm-up runs every row ``warmup`` times at the smallest batch size before anything is timed: first calls pay
     for thread pools, kernel selection and first-touch of the weights, which later shapes do not pay again.
     """
-    _, crops = flatten_crops(workload.pixel_values)
+    _, crops = flatten_crops(prompts.pixel_values)
     base = model.pruning_config
-    rows, described = [], {}
+    rows: list[Row] = []
+    settings: dict[str, RowSettings] = {}
     smallest = min(plans)
     for config in row_configs(base, plans[smallest]).values():
         for _ in range(warmup):
-            run_once(model, workload.batch(smallest), config, new_tokens, clock)
+            run_once(model, prompts.first(smallest), config, new_tokens, clock)
     for batch, plan in plans.items():
         configs = row_configs(base, plan)
-        inputs = workload.batch(batch)
+        inputs = prompts.first(batch)
         for name, config in configs.items():
-            described.setdefault(name, {"title": ROW_TITLES[name], "pruning": {}})["pruning"][str(batch)] = (
-                config.describe()
-            )
+            settings.setdefault(name, RowSettings(ROW_TITLES[name])).pruning[str(batch)] = config.describe()
         runs: dict[str, list[RunResult]] = {name: [] for name in configs}
         for repeat in range(repeats):
             order = list(configs) if repeat % 2 == 0 else list(reversed(configs))
@@ -423,7 +406,7 @@ def run_suite(
             ideal = ideal_cost(model, stats, crops, config.visual_layer, hardware)
             rows.append(summarise(name, batch, runs[name], ideal, config))
     add_ratios(rows)
-    return rows, described
+    return rows, settings
 
 
 # ---- reports ----------------------------------------------------------------------------------------------------
@@ -437,21 +420,21 @@ def _mb(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    setup, rows = result["setup"], result["rows"]
-    threads = f"{setup['threads']} threads, " if setup["threads"] else ""
+def markdown(report: SpeedReport) -> str:
+    setup, rows = report.setup, report.rows
+    threads = f"{setup.threads} threads, " if setup.threads else ""
     lines = [
         "# Speed suite",
         "",
-        f"Command: `{result['command']}`",
+        f"Command: `{report.command}`",
         "",
-        f"Device: {setup['device']} ({setup['dtype']}, {threads}{setup['clock']} clock); "
-        f"model: {setup['model']}; "
-        f"{setup['text_tokens']} text tokens + 1 image per prompt; {setup['new_tokens']} new tokens per call; "
-        f"{setup['repeats']} timed repeat(s) per row and batch size after {setup['warmup']} warm-up run(s) per row "
-        f"at batch size {min(setup['batch_sizes'])}; medians.",
+        f"Device: {setup.device} ({setup.dtype}, {threads}{setup.clock} clock); "
+        f"model: {setup.model}; "
+        f"{setup.text_tokens} text tokens + 1 image per prompt; {setup.new_tokens} new tokens per call; "
+        f"{setup.repeats} timed repeat(s) per row and batch size after {setup.warmup} warm-up run(s) per row "
+        f"at batch size {min(setup.batch_sizes)}; medians.",
         "",
-        f"Calibration: {setup['calibration_note']}",
+        f"Calibration: {setup.calibration_note}",
         "",
     ]
     header = ["Batch", "Row", "Visual tok", "Prompt", "KV final", "Prefill s", "Speedup", "Ideal",
@@ -459,18 +442,18 @@ def markdown(result: dict[str, Any]) -> str:
               "Mem ratio", "Tok/s", "Tok/s ratio"]  # fmt: skip
     table = []
     for row in rows:
-        ratios = row["ratios"]
+        ratios = row.ratios
         table.append([
-            row["batch"], row["config"], _fmt(row["visual_tokens"], 1), _fmt(row["prompt_tokens"], 1),
-            _fmt(row["kv_final"], 1), _fmt(row["prefill_s"], 3), _fmt(ratios["prefill_speedup"]),
-            _fmt(ratios["ideal_prefill_speedup"]), _fmt(row["llm_prefill_s"], 3),
-            _fmt(ratios["llm_prefill_speedup"]), _fmt(ratios["ideal_llm_prefill_speedup"]),
-            _fmt(row["decode_s_per_token"], 1, 1000), _fmt(ratios["decode_speedup"]), _mb(row["extra_bytes"]),
-            _fmt(ratios["extra_memory_ratio"]), _fmt(row["throughput_tok_s"]), _fmt(ratios["throughput_ratio"]),
+            row.batch, row.config, _fmt(row.visual_tokens, 1), _fmt(row.prompt_tokens, 1),
+            _fmt(row.kv_final, 1), _fmt(row.prefill_s, 3), _fmt(ratios.prefill_speedup),
+            _fmt(ratios.ideal_prefill_speedup), _fmt(row.llm_prefill_s, 3),
+            _fmt(ratios.llm_prefill_speedup), _fmt(ratios.ideal_llm_prefill_speedup),
+            _fmt(row.decode_s_per_token, 1, 1000), _fmt(ratios.decode_speedup), _mb(row.extra_bytes),
+            _fmt(ratios.extra_memory_ratio), _fmt(row.throughput_tok_s), _fmt(ratios.throughput_ratio),
         ])  # fmt: skip
     lines += [format_table(header, table), ""]
-    scaling = result["batch_scaling"]
-    sizes = sorted({row["batch"] for row in rows})
+    scaling = report.batch_scaling
+    sizes = sorted({row.batch for row in rows})
     lines += [
         "Throughput relative to batch size " + str(sizes[0]) + " (generated tokens per second):",
         "",
@@ -478,7 +461,6 @@ def markdown(result: dict[str, Any]) -> str:
                      [[name, *[_fmt(values.get(str(b))) for b in sizes]] for name, values in scaling.items()]),
         "",
     ]  # fmt: skip
-    head = result["headline"]
     lines += [
         "Ours (stage 1) against no pruning, prefill:",
         "",
@@ -486,21 +468,21 @@ def markdown(result: dict[str, Any]) -> str:
             ["Batch", "Visual tok", "Speedup", "Ideal", "Measured / ideal", "Within 15 %", "Ideal, padded batch",
              "LLM speedup", "LLM ideal"],
             [
-                [b, _fmt(h["visual_tokens"], 1), _fmt(h["prefill_speedup"]), _fmt(h["ideal_prefill_speedup"]),
-                 _fmt(h["prefill_vs_ideal"]), "yes" if h["within_15_percent_of_ideal"] else "no",
-                 _fmt(h["ideal_padded_prefill_speedup"]), _fmt(h["llm_prefill_speedup"]),
-                 _fmt(h["ideal_llm_prefill_speedup"])]
-                for b, h in head["ours_s1_prefill"].items()
+                [b, _fmt(h.visual_tokens, 1), _fmt(h.prefill_speedup), _fmt(h.ideal_prefill_speedup),
+                 _fmt(h.prefill_vs_ideal), "yes" if h.within_15_percent_of_ideal else "no",
+                 _fmt(h.ideal_padded_prefill_speedup), _fmt(h.llm_prefill_speedup),
+                 _fmt(h.ideal_llm_prefill_speedup)]
+                for b, h in report.headline.ours_s1_prefill.items()
             ],
         ),
         "",
     ]  # fmt: skip
     table = []
-    for name, info in result["configs"].items():
-        settings = info["pruning"]
+    for name, info in report.configs.items():
+        settings = info.pruning
         same = len(set(settings.values())) == 1
         text = next(iter(settings.values())) if same else "; ".join(f"batch {b}: {d}" for b, d in settings.items())
-        table.append([f"`{name}`", info["title"], text])
+        table.append([f"`{name}`", info.title, text])
     lines += [
         format_table(["Row", "Meaning", "Pruning"], table),
         "",
@@ -508,35 +490,34 @@ def markdown(result: dict[str, Any]) -> str:
         "prefill, each sample at its own length; the LLM part is eval.roofline's count); 'padded batch' counts the "
         "LLM at the batch's longest prompt, as a left-padded batch computes it. Extra MB = peak memory "
         "above the level at the start of the call (weights excluded). "
-        + ("Times are process CPU seconds (tokens per CPU second)." if setup["clock"] == "cpu" else "Times are wall "
+        + ("Times are process CPU seconds (tokens per CPU second)." if setup.clock == "cpu" else "Times are wall "
            "seconds."),
         "",
     ]  # fmt: skip
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def plot(report: SpeedReport, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    sizes = sorted({row["batch"] for row in rows})
-    names = list(result["configs"])
+    sizes = sorted({row.batch for row in report.rows})
+    names = list(report.configs)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        mine = {row["batch"]: row for row in rows if row["config"] == name}
+        mine = {row.batch: row for row in report.rows_named(name)}
         xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(sizes))]
-        speedups = [mine[b]["ratios"]["prefill_speedup"] or 0 for b in sizes]
-        ideals = [mine[b]["ratios"]["ideal_prefill_speedup"] or 0 for b in sizes]
-        padded = [mine[b]["ratios"]["ideal_padded_prefill_speedup"] or 0 for b in sizes]
+        speedups = [mine[b].ratios.prefill_speedup or 0 for b in sizes]
+        ideals = [mine[b].ratios.ideal_prefill_speedup or 0 for b in sizes]
+        padded = [mine[b].ratios.ideal_padded_prefill_speedup or 0 for b in sizes]
         bars = axes[0].bar(xs, speedups, width, label=name)
         axes[0].scatter(xs, ideals, marker="_", s=300, color="black", zorder=3)
         axes[0].scatter(xs, padded, marker="_", s=300, color="grey", zorder=3)
-        axes[1].bar(xs, [1000 * mine[b]["decode_s_per_token"] for b in sizes], width, color=bars[0].get_facecolor())
-        axes[2].plot(sizes, [mine[b]["throughput_tok_s"] for b in sizes], marker="o", label=name)
+        axes[1].bar(xs, [1000 * mine[b].decode_s_per_token for b in sizes], width, color=bars[0].get_facecolor())
+        axes[2].plot(sizes, [mine[b].throughput_tok_s for b in sizes], marker="o", label=name)
     titles = ("prefill speedup vs none (ideal OPs: black; padded batch: grey)", "decode ms / token")
     for axis, title in zip(axes[:2], titles):
         axis.set_xticks(range(len(sizes)), [f"batch {b}" for b in sizes])
@@ -544,10 +525,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=8)
     axes[2].set_xlabel("batch size")
     axes[2].set_xticks(sizes)
-    per = "CPU second" if result["setup"]["clock"] == "cpu" else "second"
+    per = "CPU second" if report.setup.clock == "cpu" else "second"
     axes[2].set_title(f"throughput (generated tokens per {per})")
     axes[2].legend(fontsize=8)
-    fig.suptitle(f"{result['setup']['model']} on {result['setup']['device']}", fontsize=10)
+    fig.suptitle(f"{report.setup.model} on {report.setup.device}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -573,8 +554,6 @@ def calibration_note(plans: dict[int, RowPlan], n: int, target: float | None) ->
 def load_model(args: argparse.Namespace, device: str, dtype: torch.dtype):
     """(model, image processor, description) from a checkpoint or a random-weight geometry."""
     if args.model_path:
-        from llava.model.builder import load_pretrained_model
-
         _, model, processor, _ = load_pretrained_model(
             args.model_path, args.model_base, None, device=device, dtype=dtype, vision_tower=args.vision_tower
         )
@@ -583,8 +562,6 @@ def load_model(args: argparse.Namespace, device: str, dtype: torch.dtype):
                 f"--model-path {args.model_path} is a plain language model: the suite needs a vision tower"
             )
         return model, processor, f"checkpoint {args.model_path}"
-    from eval.speed_models import build_random_llava, get_geometry
-
     geometry = get_geometry(args.geometry, args.llm_layers)
     _, model, processor, _ = build_random_llava(geometry, device, dtype, args.seed, args.cls_logit_std)
     layers = geometry.llm["num_hidden_layers"]
@@ -648,9 +625,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> SpeedReport:
     args = parse_args(argv)
-    command = "python -m eval.speed " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m eval.tools.speed " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
@@ -661,52 +638,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.image_folder
         else synthetic_images(sizes[-1], tuple(args.image_size), args.seed)
     )
-    workload = build_workload(model, processor, images, args.text_tokens, args.seed)
+    prompts = build_prompt_batch(model, processor, images, args.text_tokens, args.seed)
     base = model.pruning_config
-    inflection, crops, n = inflection_points(model, workload, base)
+    inflection, crops, n = inflection_points(model, prompts, base)
     plans = {b: plan_rows(inflection, crops, n, base, b, args.target_visual_tokens) for b in sizes}
     for plan in plans.values():
         _log(f"{description}; batch {plan.batch}: alpha {plan.alpha}, top-k {plan.topk}, "
              f"{plan.visual_tokens:.1f} visual tokens per image expected")  # fmt: skip
     rows, configs = run_suite(
-        model, workload, plans, args.repeats, args.warmup, args.new_tokens, args.hardware, CLOCKS[args.clock]
+        model, prompts, plans, args.repeats, args.warmup, args.new_tokens, args.hardware, CLOCKS[args.clock]
     )
     scaling = batch_scaling(rows)
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
-    result = {
-        "suite": "speed",
-        "command": command,
-        "setup": {
-            "model": description,
-            "device": device,
-            "dtype": str(dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads() if model.device.type == "cpu" else None,
-            "clock": args.clock,
-            "torch": torch.__version__,
-            "text_tokens": args.text_tokens,
-            "new_tokens": args.new_tokens,
-            "batch_sizes": sizes,
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "hardware": args.hardware,
-            "target_visual_tokens": args.target_visual_tokens,
-            "patches_per_crop": n,
-            "plans": {str(b): asdict(plan) for b, plan in plans.items()},
-            "calibration_note": calibration_note(plans, n, args.target_visual_tokens),
-        },
-        "configs": configs,
-        "rows": rows,
-        "batch_scaling": scaling,
-        "headline": headline(rows, scaling),
-    }
+    setup = Setup(
+        model=description,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads() if model.device.type == "cpu" else None,
+        clock=args.clock,
+        torch=torch.__version__,
+        text_tokens=args.text_tokens,
+        new_tokens=args.new_tokens,
+        batch_sizes=sizes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        hardware=args.hardware,
+        target_visual_tokens=args.target_visual_tokens,
+        patches_per_crop=n,
+        plans=plans,
+        calibration_note=calibration_note(plans, n, args.target_visual_tokens),
+    )
+    report = SpeedReport(command, setup, configs, rows, scaling, headline(rows, scaling))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    (out / "speed.md").write_text(markdown(result), encoding="utf-8")
+    (out / "speed.json").write_text(json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (out / "speed.md").write_text(markdown(report), encoding="utf-8")
     if not args.no_plot:
-        plot(result, out / "speed.png")
-    print(markdown(result))
-    return result
+        plot(report, out / "speed.png")
+    print(markdown(report))
+    return report
 
 
 if __name__ == "__main__":

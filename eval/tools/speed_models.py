@@ -1,5 +1,5 @@
-"""What the speed suite (``eval.speed``) runs: random-weight LLaVA models on a real geometry, the prompts and images,
-and the four pruning rows.
+"""What the speed suite (``eval.tools.speed``) runs: random-weight LLaVA models on a real geometry, the prompts and
+images, and the four pruning rows.
 
 Speed does not depend on the weights, so a LLaVA-1.5-7B-shaped model (CLIP ViT-L/14-336 + 2-layer MLP projector +
 Vicuna-7B decoder layers) with random weights times like the release checkpoint, layer for layer. Writing 7B random
@@ -26,12 +26,12 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
-from llava.constants import IMAGE_TOKEN_INDEX
+from llava.constants import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX
 from llava.mm_utils import process_images
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
-from llava.model.tiny import CLIP_MEAN, CLIP_STD
 from pruning import PruningConfig
-from pruning.inflection import ceil_div_alpha
+from pruning.calibrate import alpha_for_target
+from pruning.inflection import longtail_keep
 
 RANDOM_TOWER = "random-weights:clip-vit-large-patch14-336-geometry"
 
@@ -65,7 +65,7 @@ GEOMETRIES: dict[str, Geometry] = {
         llm=dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                  num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
     ),
-    # llava.model.tiny's default sizes: for tests and smoke runs (milliseconds per forward)
+    # llava.testing.tiny_llava's default sizes: for tests and smoke runs (milliseconds per forward)
     "tiny": Geometry(
         name="tiny",
         vision=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -183,7 +183,7 @@ def build_random_llava(
     return None, model, tower.image_processor, geometry.llm["max_position_embeddings"]
 
 
-# ---- workload: images and prompts ------------------------------------------------------------------------------
+# ---- prompts and images ----------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -245,48 +245,35 @@ def flatten_crops(pixel_values: torch.Tensor | list[torch.Tensor]) -> tuple[torc
 
 
 @dataclass
-class Workload:
-    """The largest batch; smaller batches are its first samples."""
+class PromptBatch:
+    """Prompts (one image placeholder each) and their processed images; a smaller batch is the first samples."""
 
-    input_ids: torch.Tensor  # [max_batch, L]
+    input_ids: torch.Tensor  # [batch, L]
     pixel_values: torch.Tensor | list[torch.Tensor]  # what process_images returned, on the model's device
     image_sizes: list[tuple[int, int]]
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, Any, list[tuple[int, int]]]:
-        ids = self.input_ids[:size]
-        return ids, torch.ones_like(ids), self.pixel_values[:size], self.image_sizes[:size]
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.ones_like(self.input_ids)  # every prompt has the same length: no padding
+
+    def first(self, size: int) -> PromptBatch:
+        return PromptBatch(self.input_ids[:size], self.pixel_values[:size], self.image_sizes[:size])
 
 
-def build_workload(model, processor, images: list[Image.Image], text_tokens: int, seed: int = 0) -> Workload:
+def build_prompt_batch(model, processor, images: list[Image.Image], text_tokens: int, seed: int = 0) -> PromptBatch:
     """Pixels through the checkpoint's own preprocessing (pad, anyres, ...), as llava.inference does."""
     pixels = process_images(images, processor, model.config)
     device, dtype = model.device, model.dtype
     pixels = [p.to(device, dtype) for p in pixels] if isinstance(pixels, list) else pixels.to(device, dtype)
     ids = prompt_ids(len(images), text_tokens, model.config.vocab_size, seed).to(device)
-    return Workload(ids, pixels, [image.size for image in images])
+    return PromptBatch(ids, pixels, [image.size for image in images])
 
 
 # ---- the four rows ---------------------------------------------------------------------------------------------
-
-
-def kept_per_crop(inflection: torch.Tensor, alpha: float, n: int, min_keep: int = 1) -> torch.Tensor:
-    """The long-tail keep rule of pruning.strategies, from i* alone: min(n, max(min_keep, ceil(i* / alpha)))."""
-    return ceil_div_alpha(inflection, alpha).clamp(min=min(min_keep, n), max=n)
-
-
-def choose_alpha(inflection: torch.Tensor, n: int, images: int, target: float, min_keep: int = 1) -> float:
-    """The alpha in (0, 1] (3 decimals) whose mean kept tokens per image is closest to ``target``; largest on ties.
-
-    ``inflection`` holds i* of every crop of ``images`` images. ceil(i* / alpha) only grows as alpha shrinks, so a
-    target below the mean i* is out of reach and gives alpha = 1; the caller reports the count it actually got.
-    """
-    best, best_gap = 1.0, math.inf
-    for step in range(1000, 0, -1):
-        alpha = step / 1000
-        gap = abs(float(kept_per_crop(inflection, alpha, n, min_keep).sum()) / images - target)
-        if gap < best_gap - 1e-9:
-            best, best_gap = alpha, gap
-    return best
 
 
 @dataclass
@@ -301,15 +288,16 @@ class RowPlan:
     reachable: bool  # the target (if any) is met within 5 % (or 1 token)
 
 
-def inflection_points(model, workload: Workload, base: PruningConfig) -> tuple[torch.Tensor, list[int], int]:
+def inflection_points(model, prompts: PromptBatch, base: PruningConfig) -> tuple[torch.Tensor, list[int], int]:
     """(i* of every crop, crops per image, patches per crop) from one pass of the model's own image merge.
 
     The merge is the model's (LLaVA-1.5 or 1.6), so i* is what its stage 1 sees; LLaVA-1.6 reports it per crop
     (``crop_inflection``), on the crop's unpadded patches.
     """
-    ids, mask, pixels, sizes = workload.batch(workload.input_ids.shape[0])
+    ids, pixels, sizes = prompts.input_ids, prompts.pixel_values, prompts.image_sizes
+    longtail = base.merged(visual_pruning="longtail")
     with torch.inference_mode():
-        merged = model.merge_multimodal(ids, mask, None, pixels, sizes, "left", base.merged(visual_pruning="longtail"))
+        merged = model.merge_multimodal(ids, prompts.attention_mask, None, pixels, sizes, "left", longtail)
     per_image = [s.get("crop_inflection") or [s["inflection"]] for s in merged.token_stats]
     inflection = torch.tensor([i for crops in per_image for i in crops], dtype=torch.long)
     return inflection, [len(crops) for crops in per_image], model.get_vision_tower().num_patches
@@ -328,8 +316,13 @@ def plan_rows(
         raise ValueError(f"--target-visual-tokens {target:g} is outside 1..{n * max(crops)} visual tokens per image")
     mine = inflection[: sum(crops[:batch])]
     min_keep = base.visual_min_keep
-    alpha = base.alpha if target is None else choose_alpha(mine, n, batch, target, min_keep)
-    kept = kept_per_crop(mine, alpha, n, min_keep)
+
+    def mean_per_image(alpha: float) -> float:
+        return float(longtail_keep(mine, n, alpha, min_keep).sum()) / batch
+
+    # 3 decimals: the alphas the suite reports and docs/speed.md quotes
+    alpha = base.alpha if target is None else alpha_for_target(mean_per_image, target, decimals=3)
+    kept = longtail_keep(mine, n, alpha, min_keep)
     per_image = float(kept.sum()) / batch
     return RowPlan(
         batch=batch,

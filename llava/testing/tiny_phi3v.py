@@ -1,6 +1,6 @@
 """Write a tiny random Phi-3-vision checkpoint in the release's folder layout, for tests.
 
-    python -m llava.model.phi3v.tiny --out checkpoints/phi3v-tiny
+    python -m llava.testing.tiny_phi3v --out checkpoints/phi3v-tiny
 
 The folder looks like microsoft/Phi-3-vision-128k-instruct: ``config.json`` (model_type phi3_v, ``embd_layer``,
 ``img_processor``, LongRoPE as ``rope_scaling {"type": "su"}``, ``sliding_window`` = ``max_position_embeddings``),
@@ -31,7 +31,7 @@ from transformers.tokenization_utils_base import generate_merges
 
 from llava.model.phi3v.config import CLIP_VIT_L14_336, phi3v_config
 from llava.model.phi3v.image_processing import CLIP_MEAN, CLIP_STD
-from llava.model.tiny import tokenizer_corpus
+from llava.testing.tiny_llava import tokenizer_corpus
 from llava.tokenization import train_sentencepiece
 
 # Phi-3's added tokens, in the release's order after the 32000 sentencepiece pieces (32000 .. 32010)

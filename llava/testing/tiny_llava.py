@@ -1,7 +1,7 @@
 """Write a tiny random LLaVA-1.5 or 1.6 checkpoint in the original release format, for tests and the CPU demo.
 
-    python -m llava.model.tiny --out checkpoints/llava-v1.5-tiny
-    python -m llava.model.tiny --out checkpoints/llava-v1.6-mistral-tiny --version 1.6-mistral
+    python -m llava.testing.tiny_llava --out checkpoints/llava-v1.5-tiny
+    python -m llava.testing.tiny_llava --out checkpoints/llava-v1.6-mistral-tiny --version 1.6-mistral
 
 The folder looks like ``liuhaotian/llava-v1.5-7b``: ``config.json`` (model_type "llava", mm_* keys),
 ``pytorch_model-0000N-of-0000M.bin`` shards with their index (LLM + ``model.mm_projector.*``, rotary ``inv_freq``
@@ -31,11 +31,9 @@ from transformers import (
     MistralForCausalLM,
 )
 
+from llava.constants import CLIP_MEAN, CLIP_STD
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.tokenization import load_tokenizer, train_sentencepiece
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass

@@ -1,0 +1,132 @@
+"""Helpers the test modules share: paths, images and the files they write. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA2_TOKENIZER = REPO.parent / "shared" / "assets" / "llama2-tokenizer.model"
+
+
+def random_image(seed: int, size: tuple[int, int] = (120, 90)) -> Image.Image:
+    """Uniform noise, ``size`` = (width, height)."""
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
+
+
+def save_image(path: Path, seed: int) -> None:
+    """A noise image whose size varies with the seed (96-128 x 72-96), so batches mix shapes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    random_image(seed, (96 + 8 * (seed % 5), 72 + 12 * (seed % 3))).save(path)
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    """One JSON value per line, UTF-8; the folder is created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """Every line is one JSON value (a blank line fails: answers files have none)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+SHORT = "\nAnswer the question using a single word or phrase."
+
+
+def pope_fixture(root: Path) -> Path:
+    """LLaVA's llava_pope_test.jsonl, POPE's coco/coco_pope_<category>.json label files and val2014/ images."""
+    lines, qid = [], 1
+    for c, category in enumerate(("adversarial", "popular", "random")):
+        labels = []
+        for n, (thing, label) in enumerate([("dog", "yes"), ("car", "no")]):
+            image = f"COCO_val2014_{310196 + 10 * c + n:012d}.jpg"
+            save_image(root / "val2014" / image, qid)
+            text = f"Is there a {thing} in the image?"
+            lines.append({"question_id": qid, "image": image, "text": text + SHORT, "category": category})
+            labels.append({"question_id": n + 1, "image": image, "text": text, "label": label})  # POPE restarts ids
+            qid += 1
+        write_jsonl(root / "coco" / f"coco_pope_{category}.json", labels)
+    return write_jsonl(root / "llava_pope_test.jsonl", lines)
+
+
+Responder = Callable[[dict[str, Any]], "str | int"]
+
+
+class FakeOpenAIServer:
+    """``POST /v1/chat/completions`` answered by ``responder(request_body)``: a reply text, or an int HTTP status
+    to fail with. Every request body is kept in ``requests``."""
+
+    def __init__(self, responder: Responder) -> None:
+        self.responder = responder
+        self.requests: list[dict[str, Any]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, **body})
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+                outcome = server.responder(body)
+                if isinstance(outcome, int):
+                    return self._send(outcome, {"error": {"message": "simulated failure", "type": "server_error"}})
+                self._send(
+                    200,
+                    {
+                        "id": f"chatcmpl-{len(server.requests)}",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": outcome},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    },
+                )
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeOpenAIServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
