@@ -6,7 +6,9 @@ Every runner (run_llava, cli, the benchmark runners) goes through `generate_answ
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from llava.constants import (
     IMAGE_PLACEHOLDER,
     IMAGE_TOKEN_INDEX,
 )
-from llava.conversation import conv_templates
+from llava.conversation import SeparatorStyle, conv_templates
 from llava.mm_utils import process_images, tokenizer_image_token
 from pruning import PruningConfig
 
@@ -53,6 +55,35 @@ def build_prompt(question: str, conv_mode: str, num_images: int = 1, model_confi
     conv.append_message(conv.roles[0], question)
     conv.append_message(conv.roles[1], None)
     return conv.get_prompt()
+
+
+def image_questions(prompt: str) -> list[str]:
+    """The question each ``<image>`` of a full prompt is asked with, for text-guided vision-side methods: the first
+    non-empty line of the user message that holds the image (its text between the chat template's markers around
+    the tag), image tags removed: for ``USER: <image>``, ``Is there a dog?``, ``Answer with one word. ASSISTANT:`` on
+    three lines, ``Is there a dog?``. Recoverable Compression's official code embeds the first line of the whole
+    decoded prompt instead, which on LLaVA's templates is the system prompt (docs/baselines.md)."""
+    markers = [(m.start(), m.end()) for m in _template_markers().finditer(prompt)]
+    questions = []
+    for tag in re.finditer(re.escape(DEFAULT_IMAGE_TOKEN), prompt):
+        start = max((end for begin, end in markers if end <= tag.start()), default=0)
+        stop = min((begin for begin, end in markers if begin >= tag.end()), default=len(prompt))
+        message = prompt[start:stop]
+        for token in (DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN):
+            message = message.replace(token, "")
+        questions.append(next((" ".join(line.split()) for line in message.splitlines() if line.strip()), ""))
+    return questions
+
+
+@cache
+def _template_markers() -> re.Pattern:
+    """Role and separator strings of every conversation template (``USER:``, ``###``, ``[/INST]``, ``<|im_end|>``)."""
+    markers = {"[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"}
+    for conv in conv_templates.values():
+        colon = ":" if conv.sep_style in (SeparatorStyle.SINGLE, SeparatorStyle.TWO) else ""
+        markers.update(role + colon for role in conv.roles if role.strip())
+        markers.update(sep.strip() for sep in (conv.sep, conv.sep2) if sep and sep.strip())
+    return re.compile("|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)))
 
 
 def left_pad(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,10 +124,11 @@ def generate_answers(
     """Answer a batch of full prompts (already wrapped in a template) about their images (None = text only).
 
     ``generate_kwargs`` go to ``model.generate`` as well (e.g. a ``logits_processor``, as ``llava.lmms.scoring`` uses).
+    Each image's question (``image_questions``) goes with it to the vision tower, for text-guided vision-side methods.
     """
     if len(prompts) != len(images):
         raise ValueError(f"got {len(prompts)} prompts but {len(images)} image entries")
-    token_lists, flat_images, sizes = [], [], []
+    token_lists, flat_images, sizes, questions = [], [], [], []
     for index, (prompt, image) in enumerate(zip(prompts, images)):
         tokens = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX)
         sample_images = [] if image is None else image if isinstance(image, list) else [image]
@@ -107,6 +139,7 @@ def generate_answers(
             )
         token_lists.append(tokens)
         flat_images.extend(sample_images)
+        questions.extend(image_questions(prompt))  # one per <image>, as the tags counted above
         sizes.extend(img.size for img in sample_images)
     input_ids, attention_mask = left_pad(token_lists, pad_token_id(tokenizer))
     device = model.device
@@ -138,6 +171,7 @@ def generate_answers(
         image_sizes=sizes or None,
         pruning=pruning,
         return_stats=True,
+        image_texts=questions or None,
         **generation_kwargs,
     )
     texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)

@@ -101,8 +101,10 @@ def select_crop_tokens(
     counts: Sequence[int],
     pruning: PruningConfig,
     candidates: Sequence[torch.Tensor | None] | None = None,
+    texts: Sequence[str] | None = None,
 ) -> list[CropTokens]:
     """Run all crops of all images through the tower in one batch; return each image's kept, projected tokens.
+    ``texts`` (the question per image, for text-guided methods) reach the tower once per crop.
 
     ``per_crop``: each crop is pruned on its own CLS curve (its own i* and k). ``global``: each crop's rule still
     sets its budget k_c, but the image keeps the sum of the k_c best tokens over all its crops, so salient crops
@@ -132,7 +134,8 @@ def select_crop_tokens(
     else:
         # nothing pruned, or per-crop pruning where no padding must be avoided (or 'inside' mode, or a method that is
         # not a keep rule, which decide inside the tower and so cannot see the padding: unpad drops what they keep of it)
-        out = tower.select(crops, pruning, projector)
+        crop_texts = None if texts is None else [text for text, count in zip(texts, counts) for _ in range(count)]
+        out = tower.select(crops, pruning, projector, crop_texts)
         flat_features, flat_indices = out.features[out.mask], out.indices[out.mask]  # [sum k, C], [sum k]
         kept = out.kept.tolist()
         inflection = out.inflection.tolist() if out.inflection is not None else [None] * len(kept)

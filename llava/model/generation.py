@@ -5,6 +5,7 @@ per-sample token statistics the paper reports. The configured LLM-side methods (
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -84,12 +85,14 @@ class LlavaGenerationMixin:
         image_sizes: list | None = None,
         pruning: PruningConfig | dict | None = None,
         return_stats: bool = False,
+        image_texts: Sequence[str] | None = None,
         **kwargs: Any,
     ):
         """Generate from token ids (with IMAGE_TOKEN_INDEX placeholders) and images.
 
         Returns only the new tokens, like upstream. ``pruning`` overrides the model's pruning config for this call;
-        ``return_stats=True`` returns a LlavaGenerateOutput with per-sample token statistics.
+        ``return_stats=True`` returns a LlavaGenerateOutput with per-sample token statistics; ``image_texts`` (the
+        question per image, in image order) reach text-guided vision-side methods.
         """
         if "inputs_embeds" in kwargs:
             raise ValueError("LLaVA generate builds inputs_embeds itself; pass token ids (and images) instead")
@@ -104,7 +107,9 @@ class LlavaGenerationMixin:
                 pruning.to_dict() if isinstance(pruning, PruningConfig) else pruning, source="generate(pruning=...)"
             )
         )
-        merged = self.merge_multimodal(inputs, attention_mask, None, images, image_sizes, "left", pruning)
+        merged = self.merge_multimodal(
+            inputs, attention_mask, None, images, image_sizes, "left", pruning, image_texts=image_texts
+        )
         limit = getattr(self.config, "tokenizer_model_max_length", None)
         warn_truncated_prompts(inputs, attention_mask, merged.token_stats, limit)
         repeats = generation_setting(kwargs, self.generation_config, "num_return_sequences", 1)

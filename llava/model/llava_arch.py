@@ -9,6 +9,7 @@ token statistics, which travel in the return values (``forward``'s ``LlavaCausal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,10 +187,12 @@ class LlavaMetaForCausalLM:
         return pruning
 
     # ---- images ----------------------------------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor, pruning: PruningConfig | None = None) -> ImageFeatures:
-        """[num_images, 3, H, W] -> projected, per-image kept features."""
+    def encode_images(
+        self, images: torch.Tensor, pruning: PruningConfig | None = None, texts: Sequence[str] | None = None
+    ) -> ImageFeatures:
+        """[num_images, 3, H, W] -> projected, per-image kept features (``texts``: the question per image)."""
         projector = self.get_model().mm_projector
-        out = self.get_vision_tower().select(images, pruning or self.pruning_config, projector)
+        out = self.get_vision_tower().select(images, pruning or self.pruning_config, projector, texts)
         projected = projector(out.features)
         kept = out.kept.tolist()
         return ImageFeatures(
@@ -200,22 +203,29 @@ class LlavaMetaForCausalLM:
             extra=[{} for _ in kept],
         )
 
-    def image_features(self, images, image_sizes=None, pruning: PruningConfig | None = None) -> ImageFeatures:
+    def image_features(
+        self, images, image_sizes=None, pruning: PruningConfig | None = None, texts: Sequence[str] | None = None
+    ) -> ImageFeatures:
         """Per-image features for a batch given as a tensor or a list of tensors.
 
         [N, 3, H, W] (or a list of [3, H, W] under the flat merge) is one crop per image, as in LLaVA-1.5; a
-        [N, crops, 3, H, W] tensor or a list of [crops, 3, H, W] tensors is LLaVA-1.6's anyres input.
+        [N, crops, 3, H, W] tensor or a list of [crops, 3, H, W] tensors is LLaVA-1.6's anyres input. ``texts``, the
+        question per image, reach text-guided vision-side methods.
         """
         if _is_multi_crop(images, self.config):
-            return self.encode_anyres(crops_per_image(images), image_sizes, pruning)
+            return self.encode_anyres(crops_per_image(images), image_sizes, pruning, texts)
         if isinstance(images, (list, tuple)):
             images = torch.stack(list(images))
         if images.ndim != 4:
             raise MultimodalInputError(f"images must be [num_images, 3, H, W], got shape {tuple(images.shape)}")
-        return self.encode_images(images, pruning)
+        return self.encode_images(images, pruning, texts)
 
     def encode_anyres(
-        self, images: list[torch.Tensor], image_sizes=None, pruning: PruningConfig | None = None
+        self,
+        images: list[torch.Tensor],
+        image_sizes=None,
+        pruning: PruningConfig | None = None,
+        texts: Sequence[str] | None = None,
     ) -> ImageFeatures:
         """LLaVA-1.6: all crops through the tower in one batch (stage 1 per crop or pooled), then each image's kept
         tokens laid out by mm_patch_merge_type (see llava/model/anyres.py)."""
@@ -240,7 +250,7 @@ class LlavaMetaForCausalLM:
         for count, grid, size in zip(counts, grids, sizes):
             unpadded = merge_type == "spatial_unpad" and grid is not None
             candidates += [None] + (crop_candidates(grid, side, size) if unpadded else [None] * (count - 1))
-        selected = select_crop_tokens(tower, model.mm_projector, torch.cat(images), counts, pruning, candidates)
+        selected = select_crop_tokens(tower, model.mm_projector, torch.cat(images), counts, pruning, candidates, texts)
         result = ImageFeatures(features=[], n=[], kept=[], inflection=[], extra=[])
         for tokens, grid, size in zip(selected, grids, sizes):
             image = assemble_image(tokens, merge_type, side, grid, size, newline)
@@ -268,8 +278,10 @@ class LlavaMetaForCausalLM:
         image_sizes=None,
         padding_side: str | None = None,
         pruning: PruningConfig | None = None,
+        image_texts: Sequence[str] | None = None,
     ) -> MergedInputs:
-        """Replace each IMAGE_TOKEN_INDEX by that image's kept features; re-pad the batch."""
+        """Replace each IMAGE_TOKEN_INDEX by that image's kept features; re-pad the batch. ``image_texts``: the
+        question each image is asked with (in image order), for text-guided vision-side methods."""
         batch = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -278,7 +290,7 @@ class LlavaMetaForCausalLM:
         labels_per_sample = [labels[b][attention_mask[b]] for b in range(batch)] if labels is not None else None
         tags = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in ids_per_sample]
 
-        encoded = self.image_features(images, image_sizes, pruning) if images is not None else None
+        encoded = self.image_features(images, image_sizes, pruning, image_texts) if images is not None else None
         num_images = len(encoded.features) if encoded is not None else 0
         consume_dummy = False
         if sum(tags) != num_images:

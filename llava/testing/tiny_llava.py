@@ -7,14 +7,15 @@ The folder looks like ``liuhaotian/llava-v1.5-7b``: ``config.json`` (model_type 
 ``pytorch_model-0000N-of-0000M.bin`` shards with their index (LLM + ``model.mm_projector.*``, rotary ``inv_freq``
 buffers included as transformers 4.31 saved them), ``tokenizer.model`` + ``tokenizer_config.json`` (a sentencepiece
 model trained on the spot), ``generation_config.json``; the CLIP tower is a separate folder in the
-``openai/clip-vit-large-patch14-336`` format (a CLIPModel with text and vision towers + preprocessor config) named by
-``mm_vision_tower``. It is loaded by exactly the code that loads real checkpoints.
+``openai/clip-vit-large-patch14-336`` format (a CLIPModel with text and vision towers, a CLIP tokenizer and the
+preprocessor config) named by ``mm_vision_tower``. It is loaded by exactly the code that loads real checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 from transformers import (
     CLIPConfig,
     CLIPModel,
+    CLIPTokenizer,
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
@@ -122,7 +124,20 @@ def write_clip_tower(out: Path, spec: TinySpec, seed: int) -> Path:
         "size": {"shortest_edge": spec.image_size},
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    write_clip_tokenizer(out)
     return out
+
+
+def write_clip_tokenizer(out: Path) -> None:
+    """A CLIP tokenizer whose ids fit the tiny text tower (vocab 99): letters, digits and a few marks, each alone or
+    ending a word, no merges; ids 0 and 1 are the text config's BOS and EOS (EOS also pads, as OpenAI's). Text-guided
+    vision-side methods (Recoverable Compression) read it with the text tower."""
+    marks = string.ascii_lowercase + string.digits + "?.,'"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for mark in marks:
+        vocab[mark] = len(vocab)
+        vocab[mark + "</w>"] = len(vocab)
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(out)
 
 
 def _randomize(model: torch.nn.Module, std: float) -> None:

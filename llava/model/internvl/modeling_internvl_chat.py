@@ -270,10 +270,12 @@ class InternVLChatModel(PreTrainedModel):
         image_sizes: list | None = None,
         pruning: PruningConfig | dict | None = None,
         return_stats: bool = False,
+        image_texts: Sequence[str] | None = None,
         **kwargs: Any,
     ):
         """New tokens for left-padded prompts and their images, as ``LlavaLlamaForCausalLM.generate``: the same
-        arguments (``image_sizes`` is not needed: the tiles carry the layout), ``pruning`` overrides the model's
+        arguments (``image_sizes`` is not needed: the tiles carry the layout; ``image_texts`` is not read: the
+        vision-side methods of InternVL2 are keep rules), ``pruning`` overrides the model's
         settings for this call, ``return_stats=True`` adds per-sample token statistics. Stops at ``<|im_end|>``
         unless ``eos_token_id`` says otherwise, as the official ``chat``."""
         if "inputs_embeds" in kwargs:

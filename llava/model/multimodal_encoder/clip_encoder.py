@@ -7,14 +7,25 @@ at ``visual_layer`` when stage 1 is on, and returns the kept features in raster 
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.utils import cached_file
 
 from llava.mm_utils import check_image_processor_backend, load_image_processor
 from llava.utils import looks_like_hub_id
@@ -40,6 +51,13 @@ register_checkpoint_conversion_mapping(
 )
 
 
+class CLIPTextSideModel(CLIPTextModelWithProjection):
+    """transformers' CLIPTextModelWithProjection, loading quietly from a full CLIP folder (the vision tower and the
+    visual projection are there too)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$"]
+
+
 class VisionTowerError(OSError):
     """The vision tower named in the config cannot be found or loaded; the message names it."""
 
@@ -55,6 +73,91 @@ class TowerOutput:
     kept: torch.Tensor  # [num_images] patch tokens after stage 1
     inflection: torch.Tensor | None  # [num_images] i* (1-based) of a scoring method; None with pruning off
     scores: torch.Tensor | None  # [num_images, n] CLS similarity, fp32
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+class CLIPTextSide:
+    """CLIP's text tower, text projection and visual projection from the vision tower's folder (``openai/clip-vit-
+    large-patch14-336`` holds them all), for text-guided vision-side methods (``pruning.visual.TextTower``).
+
+    Nothing is read until a method calls it, so runs whose method never does never load it. Loaded once, on the
+    device and in the dtype of the vision tower at that moment; frozen, outside the LLaVA model's state dict.
+    """
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype):
+        self.path, self.device, self.dtype = path, device, dtype
+        self._parts: tuple | None = None
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """[B, P]: as the official Recoverable Compression, the texts padded to the text tower's length (77), no
+        attention mask, the final-layer-normed hidden state of the last position, text-projected."""
+        tokenizer, model, _ = self._load()
+        length = model.config.max_position_embeddings
+        ids = tokenizer(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model.text_model(input_ids=ids["input_ids"].to(self.device)).last_hidden_state  # [B, L, H]
+            return model.text_projection(hidden[:, -1])
+
+    def project_patches(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vision tokens [B, t, D] -> [B, t, P] with CLIP's visual projection."""
+        _, _, projection = self._load()
+        return hidden @ projection.to(device=hidden.device, dtype=hidden.dtype).T
+
+    def _load(self) -> tuple:
+        if self._parts is None:
+            try:
+                # transformers 5 builds an empty CLIP tokenizer for a folder without one: every text would be unknown
+                if not any(
+                    cached_file(self.path, f, _raise_exceptions_for_missing_entries=False) for f in TOKENIZER_FILES
+                ):
+                    raise OSError(f"it has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+                tokenizer = AutoTokenizer.from_pretrained(self.path)
+                config = AutoConfig.from_pretrained(self.path)
+                if not isinstance(config, CLIPConfig):
+                    raise ValueError(
+                        f"its config.json is a {type(config).__name__}, not a full CLIP model (CLIPConfig)"
+                    )
+                # a CLIPConfig's projection width is the top-level one (its text_config may keep a default 512)
+                config.text_config.projection_dim = config.projection_dim
+                model = CLIPTextSideModel.from_pretrained(self.path, config=config.text_config, dtype=self.dtype)
+                projection = read_weight(self.path, "visual_projection.weight")
+            except (OSError, ValueError, KeyError) as err:
+                raise VisionTowerError(
+                    f"a text-guided vision-side method needs CLIP's text tower, its tokenizer and its visual "
+                    f"projection from the vision tower's folder {self.path!r}: {err}"
+                ) from err
+            model.requires_grad_(False)
+            self._parts = (tokenizer, model.to(self.device).eval(), projection.to(self.device, self.dtype))
+        return self._parts
+
+
+def read_weight(path: str, name: str) -> torch.Tensor:
+    """One tensor of a checkpoint folder (or hub id) without loading the rest: safetensors or .bin, sharded or not."""
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        file = cached_file(path, single, _raise_exceptions_for_missing_entries=False)
+        if file is None:
+            index_file = cached_file(path, index, _raise_exceptions_for_missing_entries=False)
+            if index_file is None:
+                continue
+            shard = json.loads(Path(index_file).read_text())["weight_map"].get(name)
+            if shard is None:
+                raise KeyError(f"{index} in {path!r} has no {name!r}")
+            file = cached_file(path, shard)
+        if file.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as handle:
+                if name not in handle.keys():
+                    raise KeyError(f"{file} has no {name!r}")
+                return handle.get_tensor(name)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        if name not in state:
+            raise KeyError(f"{file} has no {name!r}")
+        return state[name]
+    raise OSError(f"{path!r} has no model.safetensors or pytorch_model.bin (nor their sharded index)")
 
 
 def resolve_tower_path(name: str) -> str:
@@ -110,14 +213,21 @@ class CLIPVisionTower(nn.Module):
                 "Without network access, point mm_vision_tower at a local CLIP folder (--vision-tower PATH)."
             ) from err
         self.vision_tower.requires_grad_(False)
+        self._text_side: CLIPTextSide | None = None
+        self._tower_path = path
         self.is_loaded = True
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def select(
-        self, images: torch.Tensor, pruning: PruningConfig | None = None, projector: nn.Module | None = None
+        self,
+        images: torch.Tensor,
+        pruning: PruningConfig | None = None,
+        projector: nn.Module | None = None,
+        texts: Sequence[str] | None = None,
     ) -> TowerOutput:
         """Run the tower on [num_images, 3, H, W] and return the kept select-layer features (still unprojected;
-        ``projector`` is there for methods that compare tokens in the LLM's input space)."""
+        ``projector`` is there for methods that compare tokens in the LLM's input space, ``texts``, the question per
+        image, for text-guided methods)."""
         if not self.is_loaded:
             raise VisionTowerError(f"vision tower {self.vision_tower_name!r} is not loaded; call load_model() first")
         pruning = pruning or self.pruning
@@ -130,7 +240,9 @@ class CLIPVisionTower(nn.Module):
                 select_layer=self.select_layer,
                 select_feature=self.select_feature,
                 generator=self.random_generator(pruning),
+                text=texts,
                 projector=projector,
+                text_tower=self.text_side(),
             )
         return TowerOutput(
             features=selection.features.to(images.dtype),
@@ -147,6 +259,12 @@ class CLIPVisionTower(nn.Module):
         if isinstance(images, list):
             return [self.select(image.unsqueeze(0)).features[0] for image in images]
         return self.select(images).features
+
+    def text_side(self) -> CLIPTextSide:
+        """CLIP's text side of this tower's folder; nothing is read before a method calls it."""
+        if self._text_side is None:
+            self._text_side = CLIPTextSide(self._tower_path, self.device, self.dtype)
+        return self._text_side
 
     def random_generator(self, pruning: PruningConfig) -> torch.Generator | None:
         """One generator per seed, so the 'random' rule draws new patches for each batch but is reproducible."""

@@ -275,16 +275,29 @@ class Phi3VForCausalLM(LlavaGenerationMixin, LlavaMetaForCausalLM, Phi3ForCausal
         self.post_init()
 
     def merge_multimodal(
-        self, input_ids, attention_mask, labels, images, image_sizes=None, padding_side=None, pruning=None
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        images,
+        image_sizes=None,
+        padding_side=None,
+        pruning=None,
+        image_texts: Sequence[str] | None = None,
     ):
         """LLaVA's merge, after inserting the BOS the official processor puts after every image (module docstring)."""
         input_ids, attention_mask, labels = bos_after_images(
             input_ids, attention_mask, labels, self.config.bos_token_id
         )
-        return super().merge_multimodal(input_ids, attention_mask, labels, images, image_sizes, padding_side, pruning)
+        return super().merge_multimodal(
+            input_ids, attention_mask, labels, images, image_sizes, padding_side, pruning, image_texts
+        )
 
-    def image_features(self, images, image_sizes=None, pruning: PruningConfig | None = None) -> ImageFeatures:
-        """Per-image projected tokens in the official layout, with stage-1 statistics.
+    def image_features(
+        self, images, image_sizes=None, pruning: PruningConfig | None = None, texts: Sequence[str] | None = None
+    ) -> ImageFeatures:
+        """Per-image projected tokens in the official layout, with stage-1 statistics (``texts`` is not read: the
+        vision-side methods of Phi-3-vision are keep rules).
 
         ``images``: a list of [1 + crops, 3, 336, 336] tensors or a [B, 1 + crops, 3, 336, 336] tensor;
         ``image_sizes``: each image's original (width, height), from which the crop grid is found again.
