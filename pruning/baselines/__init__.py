@@ -3,4 +3,4 @@ imported (``pruning/__init__.py`` imports this package). Each module's docstring
 the commit followed; docs/baselines.md has the equations and every deviation.
 """
 
-from pruning.baselines import divprune, pool, prumerge, visionzip  # noqa: F401  (registers the methods)
+from pruning.baselines import divprune, pool, prumerge, recovery, tome, visionzip  # noqa: F401  (registers the methods)
