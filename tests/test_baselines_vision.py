@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
+from eval.common import INPUT_ERROR_STATUS
 from llava.eval import model_vqa_loader
 from llava.inference import build_prompt, generate_answers
 from llava.mm_utils import process_images
@@ -424,8 +425,11 @@ def test_each_method_runs_through_a_runner_flag(peaked_ckpt, peaked, images, pix
 def test_a_budget_above_the_patches_stops_the_runner_before_writing(peaked_ckpt, images, tmp_path) -> None:
     questions, folder = write_questions(tmp_path, images)
     answers = tmp_path / "answers.jsonl"
-    with pytest.raises(PruningConfigError, match=r"visual_topk 65 is above the 64 patches .*\(--visual-tokens\)"):
+    with pytest.raises(
+        SystemExit, match=r"error: .*visual_topk 65 is above the 64 patches .*\(--visual-tokens\)"
+    ) as stop:
         run_loader(peaked_ckpt, questions, folder, answers, "--visual-pruning", "pool", "--visual-tokens", "65")
+    assert stop.value.code == INPUT_ERROR_STATUS  # one error line, no traceback
     assert not answers.exists() or answers.read_text(encoding="utf-8") == ""
 
 
