@@ -17,9 +17,9 @@ from llava.model.builder import checkpoint_tensors, load_pretrained_model
 
 CHECKPOINT = demo.DEMO_MODEL
 TOWER = demo.DEMO_TOWER
-# The module fixture runs the demo (minutes): with `pytest -n 2 --dist loadgroup` one worker takes the whole module,
-# so the demo runs once per CI run instead of once per worker.
-pytestmark = pytest.mark.xdist_group("demo_model")
+# The module fixture runs the demo (minutes). `pytest -n 2 --dist loadfile` (README, .ci/run) gives a file's tests to
+# one worker, so it runs once per test run; with pytest 9.2 `--dist loadgroup` no longer groups (xdist 3.8 renames
+# node ids through a private attribute pytest 9.2 dropped), and each worker ran the demo.
 
 
 @pytest.fixture(scope="module")

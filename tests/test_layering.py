@@ -20,6 +20,7 @@ import pytest
 
 from tests.helpers import REPO
 
+STATEMENT = "`pruning` <- `llava` <- tools (`eval.tools`, `llava.demo`) <- `scripts`"  # README, docs/architecture.md
 PACKAGES = ("pruning", "llava", "eval", "scripts", "tests")
 ALL_LAYERS = frozenset({"pruning", "files", "llava", "testing", "tools", "scripts", "tests"})
 
@@ -137,6 +138,11 @@ def test_the_exceptions_are_lazy_and_still_needed() -> None:
     for module, target in EXCEPTIONS:
         arrows = [i for i in imports_of(module, modules[module], set(modules)) if i.target == target]
         assert arrows and all(i.inside_function for i in arrows), (module, target, arrows)
+
+
+def test_the_docs_state_these_layers() -> None:
+    for doc in ("README.md", "docs/architecture.md"):
+        assert STATEMENT in (REPO / doc).read_text(encoding="utf-8"), doc
 
 
 def test_every_module_is_in_a_layer() -> None:

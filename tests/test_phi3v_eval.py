@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from eval import tables
-from eval.benchmarks import registered_benchmarks
+from eval.benchmarks import OURS
 from eval.prepare_choice import sqa_prompt
 from llava.inference import build_prompt
 from llava.model.builder import load_pretrained_model
@@ -54,7 +54,7 @@ def test_visual_layer_beyond_the_tower_is_refused_before_loading(tiny_phi3v):
 
 
 def test_every_benchmark_has_a_phi3v_script():
-    names = {benchmark.name for benchmark in registered_benchmarks({})}
+    names = set(OURS)  # this repository's; a test may have registered a toy one in this process
     assert {path.stem for path in SCRIPTS.glob("*.sh")} == names | {"_common"}
     for name in names:
         lines = (SCRIPTS / f"{name}.sh").read_text().splitlines()
