@@ -23,6 +23,7 @@ from eval.tools.speed_models import (
 )
 from eval.tools.speed_results import Row, SpeedReport
 from llava.constants import IMAGE_TOKEN_INDEX
+from llava.model.multimodal_encoder.clip_encoder import VisionTowerError
 from pruning import PruningConfig
 from pruning.calibrate import alpha_for_target
 from pruning.inflection import longtail_keep
@@ -178,6 +179,8 @@ def test_random_geometry_builds_the_requested_model():
     scores = model.get_vision_tower().select(flat, scoring_config(model.pruning_config)).scores
     spread = scores.log().std(dim=-1)
     assert bool(((spread > 0.8) & (spread < 3.5)).all()), spread  # re-drawn q/k: a long tail, not a flat curve
+    with pytest.raises(VisionTowerError, match="built in memory"):  # no folder: no CLIP text side
+        model.get_vision_tower().select(flat, PruningConfig(visual_pruning="recovery"), texts=["a question"] * 4)
     with pytest.raises(ValueError, match="unknown geometry"):
         get_geometry("llava-v9")
     with pytest.raises(ValueError, match="llm_layers"):

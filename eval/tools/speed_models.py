@@ -172,12 +172,8 @@ def build_random_llava(
             sharpen_cls_scores(clip, geometry.visual_layer, cls_logit_std)
     finally:
         torch.set_default_dtype(default_dtype)
-    clip.requires_grad_(False)
-    # the model built its CLIPVisionTower with delay_load; set what its load_model would set after reading a folder
-    tower = model.get_vision_tower()
-    tower.vision_tower = clip
-    tower.image_processor = image_processor(geometry)
-    tower.is_loaded = True
+    tower = model.get_vision_tower()  # built with delay_load: it takes the CLIP model made here instead of a folder
+    tower.load_from_memory(clip, image_processor(geometry))
     model.set_pruning(PruningConfig.from_dict(config.pruning))
     model.eval()
     return None, model, tower.image_processor, geometry.llm["max_position_embeddings"]

@@ -86,7 +86,7 @@ class CLIPTextSide:
     device and in the dtype of the vision tower at that moment; frozen, outside the LLaVA model's state dict.
     """
 
-    def __init__(self, path: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, path: str | None, device: torch.device, dtype: torch.dtype):
         self.path, self.device, self.dtype = path, device, dtype
         self._parts: tuple | None = None
 
@@ -108,6 +108,8 @@ class CLIPTextSide:
     def _load(self) -> tuple:
         if self._parts is None:
             try:
+                if self.path is None:
+                    raise OSError("the tower was built in memory, not read from a folder")
                 # transformers 5 builds an empty CLIP tokenizer for a folder without one: every text would be unknown
                 if not any(
                     cached_file(self.path, f, _raise_exceptions_for_missing_entries=False) for f in TOKENIZER_FILES
@@ -215,6 +217,15 @@ class CLIPVisionTower(nn.Module):
         self.vision_tower.requires_grad_(False)
         self._text_side: CLIPTextSide | None = None
         self._tower_path = path
+        self.is_loaded = True
+
+    def load_from_memory(self, vision_tower: CLIPVisionModel, image_processor) -> None:
+        """Use a CLIP vision model built in memory instead of reading a folder (the speed suite's random weights on a
+        real geometry). With no folder there is no text side: a text-guided method fails with VisionTowerError."""
+        self.image_processor = image_processor
+        self.vision_tower = vision_tower.requires_grad_(False)
+        self._text_side = None
+        self._tower_path = None
         self.is_loaded = True
 
     # ---- forward ---------------------------------------------------------------------------------------------
