@@ -14,6 +14,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "assets" / "llama2-tokenizer.model"
+# openai/clip-vit-large-patch14(-336)'s preprocessor_config.json, written out as the expected values
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def random_image(seed: int, size: tuple[int, int] = (120, 90)) -> Image.Image:
@@ -130,3 +133,44 @@ class FakeOpenAIServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
+
+
+def scienceqa_fixture(root: Path) -> None:
+    """ScienceQA's problems.json and pid_splits.json, LLaVA's llava_test_CQM-A.json and images/test/: four questions
+    (three with an image, hints on every other one)."""
+    from eval.prepare_choice import sqa_prompt
+
+    problems, questions = {}, []
+    for n in range(4):
+        pid = f"test_{n:05d}"
+        hint = "" if n % 2 else "A hint."
+        problems[pid] = {
+            "question": f"Which option is number {n}?",
+            "choices": ["one", "two", "three"],
+            "answer": n % 3,
+            "hint": hint,
+            "image": None if n == 3 else "image.png",
+            "subject": "natural science",
+            "grade": "grade3",
+            "split": "test",
+        }
+        value = sqa_prompt(problems[pid]["question"], hint, problems[pid]["choices"], has_image=n != 3)
+        question = {"id": pid, "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "A"}]}
+        if n != 3:
+            question["image"] = f"{pid}/image.png"
+            save_image(root / "images" / "test" / pid / "image.png", n)
+        questions.append(question)
+    write_json(root / "problems.json", problems)
+    write_json(root / "pid_splits.json", {"test": sorted(problems), "val": []})
+    write_json(root / "llava_test_CQM-A.json", questions)
+
+
+def markdown_cells(text: str) -> dict[str, dict[str, str]]:
+    """A Markdown table as {first cell of a row: {column title: cell}}."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return rows

@@ -32,9 +32,8 @@ from llava.mm_utils import (
 )
 from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 from llava.testing.tiny_llava import TinySpec, write_clip_tower
+from tests.helpers import CLIP_MEAN, CLIP_STD
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # openai/clip-vit-large-patch14-336's preprocessor_config.json, the file every LLaVA-1.5/1.6 checkpoint points at
 OPENAI_336 = {
     "crop_size": 336,

@@ -21,7 +21,7 @@ from eval.tables import build_grid, load_results, load_spec, spec_path
 from llava.eval.prompt_styles import LETTER, PromptStyleError, restyle
 from llava.eval.runner import Sample
 from llava.testing.tiny_internvl import write_tiny_internvl
-from tests.helpers import pope_fixture, read_jsonl, save_image, write_json
+from tests.helpers import pope_fixture, read_jsonl, scienceqa_fixture
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "internvl2" / "eval"
 PROMPT = "Answer the question using a single word or phrase."
@@ -135,29 +135,7 @@ def test_pope_script(tiny_internvl, tmp_path):
 
 def test_scienceqa_script(tiny_internvl, tmp_path):
     root = tmp_path / "eval" / "scienceqa"
-    problems, questions = {}, []
-    for n in range(4):
-        pid = f"test_{n:05d}"
-        hint = "" if n % 2 else "A hint."
-        problems[pid] = {
-            "question": f"Which option is number {n}?",
-            "choices": ["one", "two", "three"],
-            "answer": n % 3,
-            "hint": hint,
-            "image": None if n == 3 else "image.png",
-            "subject": "natural science",
-            "grade": "grade3",
-            "split": "test",
-        }
-        value = sqa_prompt(problems[pid]["question"], hint, problems[pid]["choices"], has_image=n != 3)
-        question = {"id": pid, "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "A"}]}
-        if n != 3:
-            question["image"] = f"{pid}/image.png"
-            save_image(root / "images" / "test" / pid / "image.png", n)
-        questions.append(question)
-    write_json(root / "problems.json", problems)
-    write_json(root / "pid_splits.json", {"test": sorted(problems), "val": []})
-    write_json(root / "llava_test_CQM-A.json", questions)
+    scienceqa_fixture(root)
     done = run_script(
         "sqa.sh",
         script_env(tiny_internvl, tmp_path / "eval"),

@@ -24,9 +24,8 @@ from llava.mm_utils import (
     select_best_resolution,
 )
 from llava.tokenization import load_tokenizer, train_sentencepiece
+from tests.helpers import CLIP_MEAN, CLIP_STD
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

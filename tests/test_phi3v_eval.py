@@ -15,14 +15,12 @@ import pytest
 
 from eval import tables
 from eval.benchmarks import OURS
-from eval.prepare_choice import sqa_prompt
 from llava.inference import build_prompt
 from llava.model.builder import load_pretrained_model
 from llava.testing.tiny_phi3v import TinyPhi3VSpec, write_tiny_phi3v
 from llava.utils import default_conv_mode
 from pruning import PruningConfigError
-from tests.helpers import pope_fixture, read_jsonl, save_image, write_json
-from tests.test_tables import markdown_cells
+from tests.helpers import markdown_cells, pope_fixture, read_jsonl, scienceqa_fixture
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "phi3v" / "eval"
 
@@ -108,29 +106,7 @@ def test_scienceqa_script_to_table_5(tiny_phi3v, tmp_path, capsys):
     """The run named as Table 5's 'Phi3v + Ours' row expects lands in that row."""
     ckpt = "Phi-3-vision-128k-instruct-longtail-h2o"
     root = tmp_path / "eval" / "scienceqa"
-    problems, questions = {}, []
-    for n in range(4):
-        pid = f"test_{n:05d}"
-        hint = "" if n % 2 else "A hint."
-        problems[pid] = {
-            "question": f"Which option is number {n}?",
-            "choices": ["one", "two", "three"],
-            "answer": n % 3,
-            "hint": hint,
-            "image": None if n == 3 else "image.png",
-            "subject": "natural science",
-            "grade": "grade3",
-            "split": "test",
-        }
-        value = sqa_prompt(problems[pid]["question"], hint, problems[pid]["choices"], has_image=n != 3)
-        question = {"id": pid, "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "A"}]}
-        if n != 3:
-            question["image"] = f"{pid}/image.png"
-            save_image(root / "images" / "test" / pid / "image.png", n)
-        questions.append(question)
-    write_json(root / "problems.json", problems)
-    write_json(root / "pid_splits.json", {"test": sorted(problems), "val": []})
-    write_json(root / "llava_test_CQM-A.json", questions)
+    scienceqa_fixture(root)
     done = run_script("sqa.sh", script_env(tiny_phi3v, tmp_path / "eval", ckpt))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = check_answers(root, 4, ckpt)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from eval.tables import TABLES, SpecError, load_spec, main, spec_path
+from tests.helpers import markdown_cells
 
 
 def write_result(root: Path, bench: str, ckpt: str, headline: float, **tokens: float) -> Path:
@@ -39,16 +40,6 @@ def playground(tmp_path: Path) -> Path:
     (root / "textvqa" / "results" / "broken.json").write_text("{not json")
     write_result(root, "mme", "nan-run", float("nan"))
     return root
-
-
-def markdown_cells(text: str) -> dict[str, dict[str, str]]:
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    rows = {}
-    for line in lines[1:]:
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
-    return rows
 
 
 def run(capsys, *argv: str) -> tuple[str, str]:
