@@ -328,6 +328,12 @@ def wait_for_request(page, number: int) -> str:
     return page.inner_text("#status").strip()
 
 
+def choose(page, selector: str, method: str) -> None:
+    """Pick ``method`` in the dropdown of ``--<selector>``."""
+    page.click(f"#control-{selector} input")
+    page.get_by_role("option", name=method, exact=True).click()
+
+
 def table_rows(page) -> dict[str, list[str]]:
     rows = page.locator("#token-counts tr").all_inner_texts()
     return {cells[0]: cells[1:] for cells in (row.split("\t") for row in rows) if cells}
@@ -343,7 +349,8 @@ def test_the_page_in_chromium(server, capsys, tmp_path) -> None:
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot an image at all" * 8)
     large = tmp_path / "large.png"
     Image.new("RGB", (600, 400), (30, 160, 40)).save(large)  # 240,000 pixels, the server takes 200,000
-    text, stats = run_llava_answer(capsys, DEMO, TRIANGLE, QUESTION, "--visual-pruning", "longtail")
+    text, stats = run_llava_answer(capsys, DEMO, TRIANGLE, QUESTION, "--visual-pruning", "longtail",
+                                   "--kv-pruning", "h2o")  # fmt: skip
     _, topk_stats = run_llava_answer(capsys, DEMO, TRIANGLE, QUESTION, "--visual-pruning", "topk",
                                      "--visual-tokens", "64")  # fmt: skip
 
@@ -367,13 +374,16 @@ def test_the_page_in_chromium(server, capsys, tmp_path) -> None:
             page.click("#run")
             assert "600 x 400 = 240,000 pixels, this server accepts at most 200,000" in wait_for_request(page, 3)
 
-            # a bundled example image, the page's starting method (the paper's stage 1 at the checkpoint's alpha)
+            # a bundled example image, the page's starting method (the paper's stage 1 at the checkpoint's alpha),
+            # stage 2 switched on
             page.click("#image-file button[aria-label='Clear']")
             page.set_input_files("#image-file input[type=file]", str(TRIANGLE))
             page.wait_for_selector("#image-preview img")
+            choose(page, "kv-pruning", "h2o")
+            page.wait_for_selector("#control-heavy-ratio", state="visible")
             page.click("#run")
             status = wait_for_request(page, 4)
-            assert status.startswith("done") and "visual=longtail(alpha=0.24, layer 3)" in status
+            assert status.startswith("done") and "visual=longtail(alpha=0.24, layer 3), kv=h2o" in status
             assert page.input_value("#answer-pruned textarea") == text == "green"
             assert page.input_value("#answer-plain textarea")
             assert page.locator("#kept-patches img").count() == 1 and page.locator("#cls-curve img").count() == 1
@@ -388,16 +398,17 @@ def test_the_page_in_chromium(server, capsys, tmp_path) -> None:
             assert float(rows["time (s)"][0]) >= 0
 
             # a fixed budget: an invalid one is refused in the page, a valid one runs
-            page.click("#control-visual-pruning input")
-            page.get_by_role("option", name="topk", exact=True).click()
+            choose(page, "kv-pruning", "none")
+            choose(page, "visual-pruning", "topk")
             page.wait_for_selector("#control-visual-topk", state="visible")
             assert not page.is_visible("#control-alpha")
-            page.fill("#control-visual-topk input", "0")
-            page.press("#control-visual-topk input", "Tab")
+            budget = page.locator("#control-visual-topk").locator("input, textarea")
+            budget.fill("0")
+            budget.press("Tab")
             page.click("#run")
             assert wait_for_request(page, 5) == "error: visual_topk must be >= 1, got 0 (--visual-tokens) (request 5)"
-            page.fill("#control-visual-topk input", "64")
-            page.press("#control-visual-topk input", "Tab")
+            budget.fill("64")
+            budget.press("Tab")
             page.click("#run")
             assert wait_for_request(page, 6).startswith("done")
             assert json.loads(page.inner_text("#token-stats .cm-content"))["with_pruning"] == topk_stats

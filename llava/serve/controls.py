@@ -129,7 +129,8 @@ def unpruned(config: PruningConfig) -> PruningConfig:
 
 
 def _normalise(control: Control, value: Any) -> Any:
-    """Page values as the config wants them: number boxes send floats (or None when empty), text boxes strings."""
+    """Page values as the config wants them: number boxes send floats, text boxes strings (an optional number is
+    typed into a text box: empty means unset)."""
     if isinstance(value, str) and control.kind in ("number", "slider"):
         value = value.strip() or None
         if value is not None:

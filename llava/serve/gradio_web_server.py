@@ -250,6 +250,9 @@ def _component(gr, control: Control, visible: bool):
         return gr.Checkbox(value=control.default, **common)
     if control.kind == "text":
         return gr.Textbox(value=control.default, **common)
+    if control.kind == "number" and control.optional:  # gradio's number box sends 0 when left empty
+        value = "" if control.default is None else str(control.default)
+        return gr.Textbox(value=value, placeholder="unset", **common)
     if control.kind == "slider":
         low, high, step = control.bounds
         return gr.Slider(low, high, value=control.default, step=step, **common)
