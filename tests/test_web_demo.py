@@ -24,7 +24,7 @@ from llava.mm_utils import get_model_name_from_path
 from llava.serve.controls import config_from_values, parameter_controls, selector_controls, unpruned
 from llava.serve.demo_session import DemoModel, DemoState, check_image, counts_table, run_request
 from llava.serve.gradio_web_server import PageUpdates
-from llava.serve.pruning_view import kept_picture
+from llava.serve.pruning_view import curves_layout, kept_layout, kept_picture
 from llava.testing.tiny_llava import write_tiny_llava_next
 from llava.utils import default_conv_mode
 from pruning import Param, PruningConfig, PruningConfigError, ReducedPatches, register_vision_method, registry
@@ -186,11 +186,11 @@ def test_pictures_are_drawn_once_per_request() -> None:
     config = PruningConfig()
     state = DemoState(config=config, step="answering")
     first = page.values(state)
-    assert first[3] == [] and first[0].endswith("(request 7)")
+    assert first[3] is None and first[0].endswith("(request 7)")  # no pictures yet: the last request's go
     state.pruned_text = "a"
-    assert page.values(state)[3] is unchanged
+    assert page.values(state)[3:6] == (unchanged, unchanged, unchanged)
     error = page.values(DemoState(config=config, error="no image"))
-    assert error[0] == "**error:** no image (request 7)" and error[1:] == ("", "", [], [], "", "")
+    assert error[0] == "**error:** no image (request 7)" and error[1:] == ("", "", None, None, "", "", "")
 
 
 def test_bad_input_ends_with_a_message_and_the_next_request_runs(tiny_ckpt, tiny_model, tmp_path) -> None:
@@ -260,7 +260,10 @@ def test_llava16_pictures_are_per_crop_and_match_the_answer(tiny16, capsys, tmp_
             again, _ = finish(demo, image, "What is this?", config, max_new_tokens=3)
             assert [v.shown for v in again.views] == [v.shown for v in final.views]
         if name == "prumerge":
-            assert all(v.curve is None for v in final.views)
+            assert all(v.curve is None for v in final.views) and curves_layout(final.views) is None
+    # the page's picture: the base view, then the three grid crops side by side as they lie in the image
+    base, crop = kept_picture(final.views[0]), kept_picture(final.views[1])
+    assert kept_layout(final.views).size == (base.width + 16 + 3 * crop.width + 4, max(base.height, crop.height))
 
 
 # ---- the page in a browser ----------------------------------------------------------------------------------------
@@ -387,7 +390,7 @@ def test_the_page_in_chromium(server, capsys, tmp_path) -> None:
             assert page.input_value("#answer-pruned textarea") == text == "green"
             assert page.input_value("#answer-plain textarea")
             assert page.locator("#kept-patches img").count() == 1 and page.locator("#cls-curve img").count() == 1
-            assert "96 tokens kept from 576 patches" in page.inner_text("#kept-patches")
+            assert "image: 96 tokens kept from 576 patches, i* = 23" in page.inner_text("#kept-notes")
             shown = json.loads(page.inner_text("#token-stats .cm-content"))
             assert shown["with_pruning"] == stats
             rows = table_rows(page)

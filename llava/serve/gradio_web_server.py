@@ -33,7 +33,7 @@ from llava.serve.demo_session import (
     counts_table,
     run_request,
 )
-from llava.serve.pruning_view import curve_picture, kept_picture
+from llava.serve.pruning_view import curves_layout, kept_layout
 from llava.utils import (
     add_model_args,
     check_before_loading,
@@ -106,7 +106,7 @@ def examples(folder: str) -> list[list[str]]:
 
 
 # ---- the page -------------------------------------------------------------------------------------------------
-OUTPUTS = ("status", "answer_pruned", "answer_plain", "kept", "curves", "counts", "stats")
+OUTPUTS = ("status", "answer_pruned", "answer_plain", "kept", "curves", "notes", "counts", "stats")
 
 
 class PageUpdates:
@@ -118,21 +118,20 @@ class PageUpdates:
         self.number = number
         self.unchanged = unchanged
         self.drawn: list | None = None  # the views whose pictures were sent
-        self.has_curves = False
 
     def values(self, state: DemoState) -> tuple[Any, ...]:
         tag = f"(request {self.number})"
         if state.error is not None:
-            return (f"**error:** {state.error} {tag}", "", "", [], [], "", "")
-        kept = curves = self.unchanged
+            return (f"**error:** {state.error} {tag}", "", "", None, None, "", "", "")
+        kept = curves = notes = self.unchanged
         if self.drawn is not state.views:
             self.drawn = state.views
-            kept = [(kept_picture(view), view.caption) for view in state.views]
-            curves = [(picture, view.title) for view in state.views if (picture := curve_picture(view)) is not None]
-            self.has_curves = bool(curves)
+            kept = kept_layout(state.views) if state.views else None
+            curves = curves_layout(state.views) if state.views else None
+            notes = "\n".join(f"- {view.caption}" for view in state.views)
+            if state.views and curves is None:
+                notes += f"\n\n`{state.config.visual_pruning}` computes no CLS curve with an inflection point."
         status = f"**{state.step}** — {state.config.describe()} {tag}"
-        if state.views and not self.has_curves:
-            status += f"\n\n`{state.config.visual_pruning}` computes no CLS curve with an inflection point."
         if state.note:
             status += f"\n\n**warning:** {state.note}"
         stats = ""
@@ -140,13 +139,15 @@ class PageUpdates:
             runs = {"with_pruning": state.pruned.stats}
             if state.plain is not None:
                 runs["without_pruning"] = state.plain.stats
-            stats = json.dumps(runs, indent=1)
+            # one line per run, each as run_llava --show-tokens prints it
+            stats = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in runs.items()) + "\n}"
         return (
             status,
             state.pruned_text,
             state.plain_text,
             kept,
             curves,
+            notes,
             counts_table(state.pruned, state.plain),
             stats,
         )
@@ -160,7 +161,6 @@ def build_page(demo: DemoModel, initial: PruningConfig, example_rows: list[list[
     params = parameter_controls(initial)
     controls = selectors + params
     chosen = {c.key: c.default for c in selectors}
-    columns = 3 if getattr(demo.model.config, "image_aspect_ratio", None) == "anyres" else 1  # LLaVA-1.6: per crop
 
     with gr.Blocks(title="LLaVA-LongTail: what pruning keeps") as page:
         gr.Markdown(
@@ -191,18 +191,20 @@ def build_page(demo: DemoModel, initial: PruningConfig, example_rows: list[list[
             answer_pruned = gr.Textbox(label="answer with pruning", lines=2, elem_id="answer-pruned")
             answer_plain = gr.Textbox(label="answer without pruning", lines=2, elem_id="answer-plain")
         with gr.Row():
-            gallery = {"columns": columns, "object_fit": "contain", "height": "auto", "format": "png"}
-            kept = gr.Gallery(label="kept patches (pruned ones greyed out)", elem_id="kept-patches", **gallery)
-            curves = gr.Gallery(label="sorted CLS similarity, i* and k", elem_id="cls-curve", **gallery)
+            picture = {"format": "png", "interactive": False, "height": 420}
+            kept = gr.Image(label="kept patches (pruned ones greyed out)", elem_id="kept-patches", **picture)
+            curves = gr.Image(label="sorted CLS similarity, i* and k", elem_id="cls-curve", **picture)
+        notes = gr.Markdown(elem_id="kept-notes")
         with gr.Row():
             counts = gr.Markdown(elem_id="token-counts")
             stats = gr.Code(
                 label="token statistics (as run_llava --show-tokens prints them)",
                 language="json",
+                wrap_lines=True,
                 elem_id="token-stats",
             )
 
-        outputs = [status, answer_pruned, answer_plain, kept, curves, counts, stats]
+        outputs = [status, answer_pruned, answer_plain, kept, curves, notes, counts, stats]
         selector_components = components[: len(selectors)]
 
         def show_methods(*names: str) -> list[Any]:

@@ -22,12 +22,15 @@ from pruning import PruningConfig
 from pruning.strategies import is_keep_rule, scoring_config
 from pruning.visualize import grey_out_patches, similarity_curve_figure, tower_view
 
+_GAP = 16  # pixels between LLaVA-1.6's base view and its grid crops
+
 
 @dataclass
 class CropView:
     """One crop (the whole image for LLaVA-1.5) as stage 1 left it."""
 
     title: str  # "image", "base view", "crop row 1, column 2"
+    position: tuple[int, int] | None  # (row, column) of a LLaVA-1.6 grid crop, 0-based; None: the whole image
     view: Image.Image  # the crop as the tower saw it (after resize / pad / crop)
     grid_side: int  # patches per side
     selected: int  # tokens the vision-side method kept for this crop (the count in the token statistics)
@@ -67,6 +70,7 @@ def crop_views(model, processor, image: Image.Image, text: str, config: PruningC
     return [
         CropView(
             title="image",
+            position=None,
             view=tower_view(pixels[0], processor.image_mean, processor.image_std),
             grid_side=tower.num_patches_per_side,
             selected=kept,
@@ -106,10 +110,12 @@ def _anyres_views(
         curve = None
         if curves is not None and inflection:
             curve = curves[crop].float().cpu()[allowed]
-        title = "base view" if crop == 0 else f"crop row {(crop - 1) // cols + 1}, column {(crop - 1) % cols + 1}"
+        position = None if crop == 0 else divmod(crop - 1, cols)
+        title = "base view" if position is None else f"crop row {position[0] + 1}, column {position[1] + 1}"
         views.append(
             CropView(
                 title=title,
+                position=position,
                 view=tower_view(crops[crop], processor.image_mean, processor.image_std),
                 grid_side=side,
                 selected=int(picked.numel()),
@@ -156,9 +162,44 @@ def curve_picture(view: CropView) -> Image.Image | None:
     import matplotlib.pyplot as plt  # the [serve] extra; similarity_curve_figure selected the Agg backend
 
     figure = similarity_curve_figure(view.curve, view.inflection, len(view.shown))
-    figure.axes[0].set_title(view.title)
+    if view.title != "image":  # LLaVA-1.6: say which crop
+        figure.axes[0].set_title(view.title)
+        figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
+
+
+def kept_layout(views: list[CropView]) -> Image.Image:
+    """Every crop's kept-patch picture in one image: LLaVA-1.5's single picture, or LLaVA-1.6's base view on the
+    left and the grid crops to its right where they lie in the image (a thin line between crops)."""
+    pictures = [kept_picture(view) for view in views]
+    grid = [(view.position, picture) for view, picture in zip(views, pictures) if view.position is not None]
+    if not grid:
+        return pictures[0]
+    base = pictures[0]
+    width, height = grid[0][1].size
+    rows = 1 + max(row for (row, _), _ in grid)
+    cols = 1 + max(col for (_, col), _ in grid)
+    left = base.width + _GAP
+    canvas = Image.new("RGB", (left + cols * (width + 2) - 2, max(base.height, rows * (height + 2) - 2)), "white")
+    canvas.paste(base, (0, 0))
+    for (row, col), picture in grid:
+        canvas.paste(picture, (left + col * (width + 2), row * (height + 2)))
+    return canvas
+
+
+def curves_layout(views: list[CropView]) -> Image.Image | None:
+    """The Fig. 3 curves of the crops that have one, two to a row (None when the method scores no CLS curve)."""
+    pictures = [picture for view in views if (picture := curve_picture(view)) is not None]
+    if not pictures:
+        return None
+    width, height = pictures[0].size
+    cols = min(2, len(pictures))
+    rows = -(-len(pictures) // cols)
+    canvas = Image.new("RGB", (cols * width, rows * height), "white")
+    for index, picture in enumerate(pictures):
+        canvas.paste(picture, ((index % cols) * width, (index // cols) * height))
+    return canvas
