@@ -4,7 +4,7 @@ pruning/baselines/) and LLM side (pruning/llm.py; stage 2's KV eviction in pruni
 Importing the package registers the built-in methods. See docs/method.md, docs/architecture.md, docs/baselines.md.
 """
 
-from pruning import baselines, h2o, strategies  # noqa: F401  (registers the built-in methods)
+from pruning import baselines, h2o, llm_methods, strategies  # noqa: F401  (registers the built-in methods)
 from pruning.config import PruningConfig, PruningConfigError, add_pruning_args, pruning_overrides, resolve_pruning
 from pruning.h2o import enable_kv_eviction
 from pruning.inflection import inflection_point, keep_count, split_objective

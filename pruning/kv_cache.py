@@ -90,9 +90,11 @@ class KVEvictionLayer(CacheLayerMixin):
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, plan_source: KVEvictionCache):
+    def __init__(self, plan_source: KVEvictionCache, layer_idx: int = 0):
         super().__init__()
         self._source = plan_source
+        self.layer_idx = layer_idx
+        self._plan: _Plan | None = None  # the cache's plan, or this layer's own when it saw fewer prompt tokens
         self.scores: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # None while pristine: slot index == timeline position
         self.valid: torch.Tensor | None = None
@@ -179,7 +181,7 @@ class KVEvictionLayer(CacheLayerMixin):
     def observe_prefill(self, column_scores: torch.Tensor) -> None:
         """Record the prompt's accumulated scores [batch, kv_heads, prompt_len] and evict down to the budgets."""
         self._expect("prefill")
-        plan = self._source.plan
+        plan = self._plan
         self.scores = column_scores.float()
         over = [p > b for p, b in zip(plan.prompt_lengths, plan.budgets)]
         if any(over):
@@ -189,7 +191,7 @@ class KVEvictionLayer(CacheLayerMixin):
         """Add the new query's probabilities [batch, kv_heads, slots] and evict one key where over budget."""
         self._expect("decode")
         self.scores += row_probs.float()
-        plan = self._source.plan
+        plan = self._plan
         over = [count > budget for count, budget in zip(self.counts, plan.budgets)]
         if not any(over):
             return
@@ -205,7 +207,8 @@ class KVEvictionLayer(CacheLayerMixin):
 
     def _start(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.lazy_initialization(key_states, value_states)
-        plan = self._source.bind(key_states.shape[0], key_states.shape[-2], key_states.device)
+        plan = self._source.bind(key_states.shape[0], key_states.shape[-2], key_states.device, self.layer_idx)
+        self._plan = plan
         self.keys, self.values = key_states, value_states
         self.valid = plan.prompt_valid.clone()
         self.length = plan.padded_length
@@ -215,7 +218,7 @@ class KVEvictionLayer(CacheLayerMixin):
 
     def _prefill_keep(self, over: list[bool]) -> torch.Tensor:
         """[batch, kv_heads, prompt_len] bool: last `recent` tokens + top-`heavy` scores among the other real ones."""
-        plan = self._source.plan
+        plan = self._plan
         device, length = self.scores.device, self.length
         recent = plan.tensor(plan.recents, device)
         heavy_counts = [b - r for b, r in zip(plan.budgets, plan.recents)]
@@ -276,7 +279,7 @@ class KVEvictionLayer(CacheLayerMixin):
         One batched argmin and one indexed move per tensor for the whole batch; samples under budget move their
         newest key onto itself. No host sync: `over` (host) and `over_t` (device) are the same, kept on both sides.
         """
-        plan = self._source.plan
+        plan = self._plan
         budgets, recents = plan.on(self.scores.device)
         rows, heads = self._rows[:, None], self._heads[None, :]
         newest = (self._counts_t - 1)[:, None].expand(-1, heads.shape[1])  # [batch, kv_heads]
@@ -294,7 +297,7 @@ class KVEvictionLayer(CacheLayerMixin):
     # ---- accounting ---------------------------------------------------------------------------------------
     def kept_positions(self) -> list[list[list[int]]]:
         """Sorted positions (0 = the sample's first real prompt token) of the keys held, per sample and KV head."""
-        plan = self._source.plan
+        plan = self._plan
         batch, heads, slots = self.keys.shape[0], self.keys.shape[1], self.keys.shape[-2]
         positions = self.positions if self.positions is not None else torch.arange(slots).expand(batch, heads, slots)
         valid = self.valid.cpu()
@@ -335,16 +338,33 @@ class KVEvictionCache(Cache):
         self.config = config
         self._mask = attention_mask
         self.plan: _Plan | None = None
+        self._layer_prompts: dict[int, torch.Tensor] = {}  # set_layer_prompt: layers that saw part of the prompt
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.layers) <= layer_idx:
-            self.layers.append(KVEvictionLayer(self))
+            self.layers.append(KVEvictionLayer(self, len(self.layers)))
         return self.layers[layer_idx].update(key_states, value_states)
 
-    def bind(self, batch_size: int, prompt_length: int, device: torch.device) -> _Plan:
-        """Fix the per-sample budgets at the first prefill; later layers check they see the same prompt."""
+    def set_layer_prompt(self, layer_idx: int, key_valid: torch.Tensor) -> None:
+        """Layer ``layer_idx`` sees only part of the prompt (token dropping between decoder layers, pruning.llm):
+        ``key_valid`` [batch, its prompt length], left padded. Its budgets come from its own prompt lengths; the
+        accounting (``budgets``, ``kv_lengths``) keeps describing the full prompt."""
+        self._layer_prompts[layer_idx] = key_valid
+
+    def bind(self, batch_size: int, prompt_length: int, device: torch.device, layer_idx: int = 0) -> _Plan:
+        """Fix the per-sample budgets at the first prefill; later layers check they see the same prompt, unless
+        ``set_layer_prompt`` gave them one of their own."""
+        own = self._layer_prompts.get(layer_idx)
+        if own is not None:
+            if tuple(own.shape) != (batch_size, prompt_length):
+                raise ValueError(
+                    f"layer {layer_idx} was given a prompt of {tuple(own.shape)} but runs {batch_size}x{prompt_length}"
+                )
+            if self.plan is None and self._mask is not None:
+                self.plan = self._make_plan(self._mask.to(device=device, dtype=torch.bool))
+            return self._make_plan(own.to(device=device, dtype=torch.bool))
         if self.plan is None:
             mask = self._mask
             if mask is None:
@@ -361,16 +381,18 @@ class KVEvictionCache(Cache):
                     "tokens: build the cache from the attention mask of the inputs the model sees (for LLaVA, after "
                     "image tokens are expanded)"
                 )
-            mask = mask.to(device=device, dtype=torch.bool)
-            lengths = mask.sum(dim=-1).tolist()
-            budgets = [kv_budget(self.config, p) for p in lengths]
-            self.plan = _Plan(mask, lengths, [b for b, _ in budgets], [r for _, r in budgets])
+            self.plan = self._make_plan(mask.to(device=device, dtype=torch.bool))
         elif (batch_size, prompt_length) != (self.plan.batch_size, self.plan.padded_length):
             raise ValueError(
                 f"layers disagree on the prompt: {batch_size}x{prompt_length} vs "
                 f"{self.plan.batch_size}x{self.plan.padded_length}; a KVEvictionCache serves one generate call"
             )
         return self.plan
+
+    def _make_plan(self, mask: torch.Tensor) -> _Plan:
+        lengths = mask.sum(dim=-1).tolist()
+        budgets = [kv_budget(self.config, p) for p in lengths]
+        return _Plan(mask, lengths, [b for b, _ in budgets], [r for _, r in budgets])
 
     # ---- accounting ---------------------------------------------------------------------------------------
     def prompt_lengths(self) -> list[int]:

@@ -18,6 +18,12 @@ then holds what that layer saw; at every decode step the engine gives each short
 keys. Attention stays SDPA: a method that needs attention weights recomputes only the rows it uses from
 ``view.layers[i].self_attn`` and ``view.previous_input`` (FastV: the attention the image tokens receive at layer K-1).
 Per row, the engine counts the visual tokens entering every layer (``visual_per_layer``).
+
+Two options for methods that need them (pass the decoder's modules to ``drop_tokens``): ``LayerView.norm`` is the
+model's final norm (DART compares tokens after it), and a dropper with ``compact_positions = True`` renumbers the
+kept tokens' positions 0, 1, 2, ... after each drop, as PyramidDrop does (prefill and decode steps; needs the
+model's ``rotary_emb``). ``LayerDropper.check_model`` lets a method refuse a model its settings do not fit (a layer
+index beyond the decoder) before anything runs.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -85,13 +91,20 @@ class LayerView:
     valid: torch.Tensor  # [rows, length] bool: real tokens (False on left padding)
     visual: torch.Tensor  # [rows, length] bool: visual tokens
     prompt_index: torch.Tensor  # [rows, length] long: index of each token in the full (padded) prompt
+    norm: nn.Module | None = None  # the model's final norm (before the LM head), when drop_tokens was given it
 
 
 class LayerDropper:
     """Token dropping between decoder layers at prefill for one ``generate`` call; subclasses override ``keep``."""
 
+    compact_positions = False  # True: kept tokens get positions 0, 1, 2, ... after a drop (needs rotary_emb)
+    needs_norm = False  # True: keep() reads view.norm (drop_tokens must be given norm=)
+
     def __init__(self, config: PruningConfig):
         self.config = config
+
+    def check_model(self, layers: Sequence[nn.Module]) -> None:
+        """Raise ``PruningConfigError`` (naming the flag) when the settings do not fit these decoder layers."""
 
     def keep(self, view: LayerView) -> torch.Tensor | None:
         """Which tokens enter ``layers[view.index]`` and all later ones: [rows, length] bool, or None for all.
@@ -115,6 +128,14 @@ def register_llm_method(
     )
 
 
+@runtime_checkable
+class LayerPromptCache(Protocol):
+    """A KV cache whose layers may each hold a different part of the prompt (stage 2's ``KVEvictionCache``): before
+    a shortened layer runs its prefill, the engine says which of its keys are real, [rows, its length] bool."""
+
+    def set_layer_prompt(self, layer_idx: int, key_valid: torch.Tensor) -> None: ...
+
+
 class TokenDropping:
     """The engine behind ``drop_tokens``: the state of one prefill and its decode steps."""
 
@@ -124,6 +145,8 @@ class TokenDropping:
         dropper: LayerDropper,
         attention_mask: torch.Tensor,
         visual_mask: torch.Tensor,
+        norm: nn.Module | None = None,
+        rotary_emb: nn.Module | None = None,
     ):
         if attention_mask.shape != visual_mask.shape or attention_mask.dim() != 2:
             raise ValueError(
@@ -132,6 +155,7 @@ class TokenDropping:
             )
         self.layers = list(layers)
         self.dropper = dropper
+        self.norm, self.rotary_emb = norm, rotary_emb
         self.valid = attention_mask.bool()
         self.visual = visual_mask.bool() & self.valid
         rows, length = self.valid.shape
@@ -141,6 +165,8 @@ class TokenDropping:
         self.previous_input: torch.Tensor | None = None
         self.shortened = False  # a drop happened: later layers get the engine's mask and embeddings
         self.layer_keys: dict[int, torch.Tensor] = {}  # shortened layer -> [rows, its prompt keys] bool
+        self.removed = torch.zeros(rows, dtype=torch.long, device=self.valid.device)  # real tokens dropped so far
+        self.layer_shift: dict[int, torch.Tensor] = {}  # compacted layer -> [rows] positions to subtract at decode
         self.counts: list[torch.Tensor] = []  # per layer: visual tokens entering it, [rows]
         self.decoding = False
         self.steps = 0
@@ -170,6 +196,7 @@ class TokenDropping:
             self.valid,
             self.visual,
             self.prompt_index,
+            self.norm,
         )
         keep = self.dropper.keep(view)
         if keep is not None:
@@ -177,6 +204,11 @@ class TokenDropping:
         self.counts.append(self.visual.sum(dim=1))
         if self.shortened:
             self.layer_keys[index] = self.valid
+            cache = kwargs.get("past_key_values")
+            if isinstance(cache, LayerPromptCache):  # e.g. stage 2: budgets from the tokens this layer sees
+                cache.set_layer_prompt(index, self.valid)
+            if self.dropper.compact_positions:
+                self.layer_shift[index] = self.removed
             kwargs["attention_mask"] = _causal_mask(self.valid)
             kwargs["position_embeddings"] = self.position_embeddings
             if "position_ids" in kwargs:
@@ -198,6 +230,11 @@ class TokenDropping:
         self.position_embeddings = (cos.expand(rows, -1, -1), sin.expand(rows, -1, -1))
         position_ids = kwargs.get("position_ids")
         self.position_ids = None if position_ids is None else position_ids.expand(rows, -1)
+        if self.dropper.compact_positions:
+            if self.position_ids is None:  # the model numbers the padded prompt 0..L-1
+                self.position_ids = self.prompt_index.clone()
+            first = self.valid.long().argmax(dim=1, keepdim=True)  # each row's first real token
+            self.first_position = self.position_ids.gather(1, first)  # [rows, 1]
 
     def _drop(self, keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Gather the kept tokens of every row to the right end (left padding), in their order."""
@@ -207,6 +244,7 @@ class TokenDropping:
                 f"{tuple(self.valid.shape)}"
             )
         keep = keep & self.valid
+        real = self.valid.sum(dim=1)
         if not bool(keep[:, -1].all()):
             raise ValueError(f"{type(self.dropper).__name__}.keep dropped a row's last token, which generation needs")
         counts = keep.sum(dim=1)
@@ -222,11 +260,18 @@ class TokenDropping:
 
         self.valid, self.visual = new_valid, take(self.visual) & new_valid
         self.prompt_index = take(self.prompt_index)
-        self.position_embeddings = tuple(take(t) for t in self.position_embeddings)
-        if self.position_ids is not None:
-            self.position_ids = take(self.position_ids)
+        hidden = take(hidden)
+        if self.dropper.compact_positions:  # the kept real tokens of a row are numbered on from its first position
+            rank = (torch.cumsum(new_valid.long(), dim=1) - 1).clamp(min=0)
+            self.position_ids = self.first_position + rank
+            self.position_embeddings = self.rotary_emb(hidden, self.position_ids)
+            self.removed = self.removed + real - counts
+        else:
+            self.position_embeddings = tuple(take(t) for t in self.position_embeddings)
+            if self.position_ids is not None:
+                self.position_ids = take(self.position_ids)
         self.shortened = True
-        return take(hidden)
+        return hidden
 
     def _decode_step(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         if hidden.shape[1] != 1:
@@ -240,6 +285,13 @@ class TokenDropping:
         if keys is not None:  # a shortened layer: its own keys, then every generated token
             new = torch.ones(keys.shape[0], self.steps, dtype=torch.bool, device=keys.device)
             kwargs["attention_mask"] = torch.cat([keys, new], dim=1)[:, None, None, :]
+        shift = self.layer_shift.get(index)
+        if shift is not None:  # compacted positions: this layer's prompt was renumbered without the dropped tokens
+            if kwargs.get("position_ids") is None:
+                raise ValueError("compact_positions needs the decoder layers to receive position_ids while decoding")
+            position_ids = kwargs["position_ids"].expand(hidden.shape[0], -1) - shift[:, None]
+            kwargs["position_ids"] = position_ids
+            kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
 
 
 def _with_hidden(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
@@ -260,20 +312,34 @@ def _causal_mask(valid: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def drop_tokens(
-    layers: Sequence[nn.Module], dropper: LayerDropper, attention_mask: torch.Tensor, visual_mask: torch.Tensor
+    layers: Sequence[nn.Module],
+    dropper: LayerDropper,
+    attention_mask: torch.Tensor,
+    visual_mask: torch.Tensor,
+    *,
+    norm: nn.Module | None = None,
+    rotary_emb: nn.Module | None = None,
 ) -> Iterator[TokenDropping]:
     """Hook ``layers`` (an LLM's decoder layers, Llama-style: hidden states first, then ``attention_mask``,
     ``position_embeddings`` and ``position_ids`` as keywords) for one ``generate`` call on a left-padded prompt
     (attention_mask and visual_mask [rows, prompt_len] of the inputs the model sees). SDPA attention only: the
-    engine's masks are boolean."""
+    engine's masks are boolean. ``norm`` (the final norm) and ``rotary_emb`` (the decoder's rotary embedding,
+    called as ``rotary_emb(hidden, position_ids)``) are needed by droppers that set ``needs_norm`` /
+    ``compact_positions``."""
     layers = list(layers)
     implementation = getattr(getattr(layers[0].self_attn, "config", None), "_attn_implementation", None)
-    if implementation != "sdpa":
+    if implementation not in ("sdpa", "kv_eviction_sdpa"):  # the latter: stage 2's wrapper around SDPA
         raise ValueError(
             f"token dropping between LLM layers (--llm-pruning) needs SDPA attention, found {implementation!r}; load "
             "the model with attn_implementation='sdpa'"
         )
-    state = TokenDropping(layers, dropper, attention_mask, visual_mask)
+    name = type(dropper).__name__
+    if dropper.needs_norm and norm is None:
+        raise ValueError(f"{name} reads the model's final norm: pass norm= to drop_tokens")
+    if dropper.compact_positions and rotary_emb is None:
+        raise ValueError(f"{name} renumbers positions after a drop: pass rotary_emb= to drop_tokens")
+    dropper.check_model(layers)
+    state = TokenDropping(layers, dropper, attention_mask, visual_mask, norm, rotary_emb)
     handles = [
         layer.register_forward_pre_hook(partial(state.before_layer, index), with_kwargs=True)
         for index, layer in enumerate(layers)

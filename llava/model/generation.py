@@ -129,12 +129,7 @@ class LlavaGenerationMixin:
                 )
             policy.prepare(self)
             kwargs["past_key_values"] = policy.make_cache(merged.attention_mask.repeat_interleave(repeats, dim=0))
-        if pruning.llm_enabled:
-            if policy is not None:
-                raise ValueError(
-                    f"--llm-pruning {pruning.llm_pruning} with --kv-pruning {pruning.kv_pruning} is not supported yet: "
-                    "the KV policy's budgets assume every layer saw the whole prompt"
-                )
+        if pruning.llm_enabled:  # with a KV policy too: each shortened layer's cache learns its own prompt
             dropper = pruning.method("llm_pruning").implementation(pruning)
         dropping = (
             drop_tokens(
@@ -142,6 +137,8 @@ class LlavaGenerationMixin:
                 dropper,
                 merged.attention_mask.repeat_interleave(repeats, dim=0),
                 merged.visual_mask.repeat_interleave(repeats, dim=0),
+                norm=self.get_model().norm,
+                rotary_emb=self.get_model().rotary_emb,
             )
             if dropper is not None
             else nullcontext()

@@ -306,16 +306,16 @@ class InternVLChatModel(PreTrainedModel):
                 raise ValueError(f"--kv-pruning {pruning.kv_pruning} builds its own cache; do not pass past_key_values")
             policy.prepare(language_model)
             kwargs["past_key_values"] = policy.make_cache(rows_mask)
-        if pruning.llm_enabled:  # token dropping between decoder layers (FastV-style methods)
-            if policy is not None:
-                raise ValueError(
-                    f"--llm-pruning {pruning.llm_pruning} with --kv-pruning {pruning.kv_pruning} is not supported yet: "
-                    "the KV policy's budgets assume every layer saw the whole prompt"
-                )
+        if pruning.llm_enabled:  # token dropping between decoder layers (FastV-style methods), with stage 2 or not
             dropper = pruning.method("llm_pruning").implementation(pruning)
         dropping = (
             drop_tokens(
-                language_model.model.layers, dropper, rows_mask, merged.visual_mask.repeat_interleave(repeats, dim=0)
+                language_model.model.layers,
+                dropper,
+                rows_mask,
+                merged.visual_mask.repeat_interleave(repeats, dim=0),
+                norm=language_model.model.norm,
+                rotary_emb=language_model.model.rotary_emb,
             )
             if dropper is not None
             else nullcontext()

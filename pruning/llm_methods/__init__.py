@@ -1,0 +1,6 @@
+"""LLM-side baselines from other papers (``--llm-pruning``), each in its own module, registered with
+``register_llm_method`` when imported (``pruning/__init__.py`` imports this package). Each module's docstring names
+the official repository and the commit followed; docs/baselines.md has the equations and every deviation.
+"""
+
+from pruning.llm_methods import dart, fastv, pdrop  # noqa: F401  (registers the methods)
