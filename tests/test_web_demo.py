@@ -266,6 +266,23 @@ def test_llava16_pictures_are_per_crop_and_match_the_answer(tiny16, capsys, tmp_
     assert kept_layout(final.views).size == (base.width + 16 + 3 * crop.width + 4, max(base.height, crop.height))
 
 
+@pytest.mark.parametrize("family", ["internvl2", "phi3v"])
+def test_other_families_answer_and_count_without_pictures(family, capsys, tmp_path) -> None:
+    from llava.model.builder import load_pretrained_model
+    from llava.testing.tiny_internvl import write_tiny_internvl
+    from llava.testing.tiny_phi3v import write_tiny_phi3v
+
+    writer = {"internvl2": write_tiny_internvl, "phi3v": write_tiny_phi3v}[family]
+    checkpoint = writer(tmp_path / f"{family}-tiny")
+    demo = demo_model(load_pretrained_model(str(checkpoint), None, None, device="cpu"), checkpoint)
+    config = demo.model.pruning_config.merged(visual_pruning="topk", visual_topk=8)
+    final, _ = finish(demo, TRIANGLE, "What is this?", config, max_new_tokens=3)
+    assert final.done and final.views == [] and not demo.draws_patches
+    _, stats = run_llava_answer(capsys, checkpoint, TRIANGLE, "What is this?", "--max_new_tokens", "3",
+                                "--visual-pruning", "topk", "--visual-tokens", "8")  # fmt: skip
+    assert final.pruned.stats == stats
+
+
 # ---- the page in a browser ----------------------------------------------------------------------------------------
 CHROMIUM = os.environ.get("LLAVA_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [

@@ -51,7 +51,8 @@ class DemoModel:
     @property
     def draws_patches(self) -> bool:
         """Kept-patch pictures and curves need LLaVA's CLIP tower; other families show answers and counts only."""
-        return isinstance(self.model.get_vision_tower(), CLIPVisionTower)
+        tower = getattr(self.model, "get_vision_tower", None)
+        return tower is not None and isinstance(tower(), CLIPVisionTower)
 
 
 @dataclass

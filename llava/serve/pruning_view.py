@@ -47,8 +47,11 @@ class CropView:
 
 
 def reset_random_draw(model, config: PruningConfig) -> None:
-    """Start the 'random' rule's generator again at its seed, as a freshly loaded model (``run_llava``) draws."""
-    generator = model.get_vision_tower().random_generator(config)
+    """Start the 'random' rule's generator again at its seed, as a freshly loaded model (``run_llava``) draws.
+    Models without LLaVA's CLIP tower (InternVL2) keep their own generator as it is."""
+    get_tower = getattr(model, "get_vision_tower", None)
+    draw = getattr(get_tower(), "random_generator", None) if get_tower is not None else None
+    generator = draw(config) if draw is not None else None
     if generator is not None:
         generator.manual_seed(config.seed)
 
