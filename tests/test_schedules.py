@@ -1,0 +1,283 @@
+"""Per-layer reduction schedules (issue #24): ``--llm-pruning schedule --schedule FILE``, G-Search and P-Sigmoid.
+
+The method: a schedule that keeps everything equals the unpruned model; a schedule that drops to R at layer K equals
+``fastv`` at K and R (answers, counts, logits); a schedule with several drops equals a hand-written eager decoder
+that applies the rule (rank by the last token's attention at layer l - 1) before each layer; a batch of four equals
+four single runs, with stage 1 and with stage 2; bad schedule files name the file and the layer.
+G-Search (``eval.tools.gsearch.greedy_search``) on injected scoring functions whose optimum is known; P-Sigmoid
+(``eval.tools.psigmoid``) reproducible with a seed, within its budget; both commands end to end on a tiny model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava.inference import build_prompt, generate_answers
+from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+from llava.testing.tiny_llava import TinySpec, write_tiny_llava
+from pruning import PruningConfig, PruningConfigError, registry
+from pruning.llm_methods.schedule import ScheduleDropper, read_schedule, write_schedule
+from tests.conftest import random_image
+
+LAYERS = 6
+VISUAL = 64  # the tiny tower's patches
+NEW_TOKENS = 4
+SIZES = [(120, 90), (64, 160), (112, 112), (200, 50)]
+QUESTIONS = ["Is there a dog?", "What colour is the square in the middle of the picture?", "Count.", "Why?"]
+
+
+@pytest.fixture(scope="module")
+def deep_ckpt(tmp_path_factory) -> Path:
+    spec = TinySpec(layers=LAYERS, kv_heads=2)  # grouped-query attention: two query heads per KV head
+    return write_tiny_llava(tmp_path_factory.mktemp("schedules") / "llava-v1.5-tiny-deep", spec, seed=3)
+
+
+@pytest.fixture(scope="module")
+def deep(deep_ckpt):
+    tokenizer, model, processor, _ = load_pretrained_model(str(deep_ckpt), None, None, device="cpu")
+    return tokenizer, model, processor
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [random_image(i, size) for i, size in enumerate(SIZES)]
+
+
+def schedule_file(tmp_path: Path, keep: list, unit: str = "fraction", name: str = "schedule.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps({"unit": unit, "keep": keep}), encoding="utf-8")
+    return str(path)
+
+
+def inputs(model, tokenizer, processor, images, questions):
+    prompts = [build_prompt(q, "vicuna_v1", model_config=model.config) for q in questions]
+    ids = [tokenizer_image_token(p, tokenizer) for p in prompts]
+    longest = max(len(i) for i in ids)
+    input_ids = torch.zeros(len(ids), longest, dtype=torch.long)
+    mask = torch.zeros(len(ids), longest, dtype=torch.long)
+    for row, tokens in enumerate(ids):
+        input_ids[row, longest - len(tokens) :] = torch.tensor(tokens)
+        mask[row, longest - len(tokens) :] = 1
+    pixels = process_images(images, processor, model.config)
+    return input_ids, mask, pixels, [image.size for image in images]
+
+
+def generate(model, tokenizer, processor, images, questions, config):
+    """(sequences, logits [rows, steps, vocab], token statistics) of greedy decoding with ``config``."""
+    input_ids, mask, pixels, sizes = inputs(model, tokenizer, processor, images, questions)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids, attention_mask=mask, images=pixels, image_sizes=sizes, pruning=config, do_sample=False,
+            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, return_dict_in_generate=True, output_logits=True,
+            return_stats=True,
+        )  # fmt: skip
+    return out.sequences, torch.stack(out.raw.logits, dim=1), out.token_stats
+
+
+def answers(model, tokenizer, processor, images, config, questions=QUESTIONS):
+    prompts = [build_prompt(q, "vicuna_v1", model_config=model.config) for q in questions]
+    return generate_answers(model, tokenizer, processor, prompts, images, pruning=config, max_new_tokens=5)
+
+
+# ---- the method against what it must equal ------------------------------------------------------------------------
+@pytest.mark.parametrize(("unit", "keep"), [("fraction", [1.0] * LAYERS), ("count", [VISUAL] * LAYERS)])
+def test_a_schedule_that_keeps_everything_equals_the_unpruned_model(deep, images, tmp_path, unit, keep) -> None:
+    tokenizer, model, processor = deep
+    config = PruningConfig(llm_pruning="schedule", schedule=schedule_file(tmp_path, keep, unit))
+    sequences, logits, stats = generate(model, tokenizer, processor, images, QUESTIONS, config)
+    plain_sequences, plain_logits, plain_stats = generate(model, tokenizer, processor, images, QUESTIONS, None)
+    assert torch.equal(sequences, plain_sequences)
+    torch.testing.assert_close(logits, plain_logits, atol=0, rtol=0)
+    assert [s["visual_per_layer"] for s in stats] == [[VISUAL] * LAYERS] * len(images)
+    assert [{k: v for k, v in s.items() if k != "visual_per_layer"} for s in stats] == plain_stats
+
+
+FASTV_CASES = [
+    ({"fastv_k": 2, "fastv_ratio": 0.5}, "fraction", [1, 1, 0.5, 0.5, 0.5, 0.5]),
+    ({"fastv_k": 3, "fastv_ratio": 0.7}, "fraction", [1, 1, 1, 0.3, 0.3, 0.3]),
+    ({"fastv_k": 1, "fastv_ratio": 1.0}, "fraction", [1, 0, 0, 0, 0, 0]),  # every visual token goes
+    ({"fastv_k": 4, "llm_tokens": 9}, "count", [VISUAL] * 4 + [9, 9]),
+]
+
+
+@pytest.mark.parametrize(("fastv", "unit", "keep"), FASTV_CASES, ids=["K2-R0.5", "K3-R0.7", "K1-R1", "K4-9tokens"])
+def test_a_schedule_that_drops_once_equals_fastv(deep, images, tmp_path, fastv, unit, keep) -> None:
+    """Drop to R at layer K and nowhere else: FastV at K and R, answers, counts per layer and logits, batch of 4."""
+    tokenizer, model, processor = deep
+    schedule = PruningConfig(llm_pruning="schedule", schedule=schedule_file(tmp_path, keep, unit))
+    fastv = PruningConfig(llm_pruning="fastv", **fastv)
+    sequences, logits, stats = generate(model, tokenizer, processor, images, QUESTIONS, schedule)
+    fastv_sequences, fastv_logits, fastv_stats = generate(model, tokenizer, processor, images, QUESTIONS, fastv)
+    assert torch.equal(sequences, fastv_sequences)
+    torch.testing.assert_close(logits, fastv_logits, atol=0, rtol=0)
+    assert stats == fastv_stats
+    assert stats[0]["visual_per_layer"] != [VISUAL] * LAYERS  # it did drop
+
+
+# ---- the rule by hand: an eager decoder on one sample ------------------------------------------------------------
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def eager_layer(model, index: int, hidden: torch.Tensor, positions: torch.Tensor):
+    """One Llama decoder layer on an unpadded sequence [1, T, H], attention by hand: (output, probs [heads, T, T])."""
+    inner = model.get_model()
+    layer, config = inner.layers[index], model.config
+    attn = layer.self_attn
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim, length = config.hidden_size // heads, hidden.shape[1]
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).view(1, length, heads, dim).transpose(1, 2)
+    k = attn.k_proj(x).view(1, length, kv_heads, dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    v = attn.v_proj(x).view(1, length, kv_heads, dim).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    cos, sin = inner.rotary_emb(hidden, positions[None])
+    q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(dim)).masked_fill(~causal, -math.inf), dim=-1)
+    out = (probs @ v).transpose(1, 2).reshape(1, length, -1)
+    hidden = hidden + attn.o_proj(out)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), probs[0]
+
+
+def reference(model, embeds: torch.Tensor, visual: torch.Tensor, counts: list[int]):
+    """The schedule's rule on one sample: before layer l >= 1 whose count is below the visual tokens held, keep the
+    top counts[l] of them by the attention the last token paid them at layer l - 1 (mean over heads). Returns the
+    prompt positions kept per dropping layer and the prefill logits."""
+    positions = torch.arange(embeds.shape[0])
+    hidden, kept, probs = embeds[None], {}, None
+    for index in range(len(counts)):
+        held = visual[positions]
+        if index > 0 and counts[index] < int(held.sum()):
+            received = probs.mean(dim=0)[-1].masked_fill(~held, -math.inf)
+            top = set(received.topk(counts[index]).indices.tolist())
+            keep = torch.tensor([not held[i] or i in top for i in range(len(positions))])
+            positions, hidden = positions[keep], hidden[:, keep]
+            kept[index] = set(positions[visual[positions]].tolist())
+        hidden, probs = eager_layer(model, index, hidden, positions)
+    inner = model.get_model()
+    return kept, model.lm_head(inner.norm(hidden[:, -1]))[0]
+
+
+def recording(monkeypatch) -> dict[int, set[int]]:
+    """Swap the registered dropper for one that also records the prompt positions of the visual tokens it keeps
+    before each layer (row 0)."""
+    record: dict[int, set[int]] = {}
+
+    class Recorder(ScheduleDropper):
+        def keep(self, view):
+            mask = super().keep(view)
+            if mask is not None:
+                record[view.index] = set(view.prompt_index[0][mask[0] & view.visual[0]].tolist())
+            return mask
+
+    method = registry.get("llm_pruning", "schedule")
+    monkeypatch.setitem(
+        registry._METHODS["llm_pruning"], "schedule", dataclasses.replace(method, implementation=Recorder)
+    )
+    return record
+
+
+@pytest.mark.parametrize("keep", [[1, 1, 0.5, 0.5, 0.25, 0.1], [1, 0.75, 0.5, 0.25, 0.125, 0]])
+def test_each_drop_keeps_the_tokens_the_previous_layer_attended_to_most(deep, images, tmp_path, monkeypatch, keep):
+    tokenizer, model, processor = deep
+    config = PruningConfig(llm_pruning="schedule", schedule=schedule_file(tmp_path, keep))
+    record = recording(monkeypatch)
+    input_ids, mask, pixels, sizes = inputs(model, tokenizer, processor, images[1:2], QUESTIONS[1:2])
+    with torch.no_grad():
+        merged = model.merge_multimodal(input_ids, mask, None, pixels, sizes, "left", config)
+        _, logits, stats = generate(model, tokenizer, processor, images[1:2], QUESTIONS[1:2], config)
+        counts = [round(VISUAL * Fraction(str(f))) for f in keep]
+        kept, first_logits = reference(model, merged.inputs_embeds[0], merged.visual_mask[0], counts)
+    assert record == kept
+    assert stats[0]["visual_per_layer"] == counts
+    torch.testing.assert_close(logits[0, 0], first_logits, atol=1e-5, rtol=1e-5)
+
+
+# ---- batches, stage 1, stage 2 ----------------------------------------------------------------------------------
+BATCH_CASES = {
+    "schedule": {},
+    "with-stage1": {"visual_pruning": "longtail", "alpha": 0.4, "visual_layer": 2},
+    "with-stage2": {"kv_pruning": "h2o", "heavy_ratio": 0.2, "recent_ratio": 0.2},
+    "with-stages12": {"visual_pruning": "longtail", "alpha": 0.4, "visual_layer": 2, "kv_pruning": "h2o"},
+}
+
+
+@pytest.mark.parametrize("case", list(BATCH_CASES))
+def test_a_batch_of_four_equals_four_single_runs(deep, images, tmp_path, case) -> None:
+    tokenizer, model, processor = deep
+    keep = [1, 0.8, 0.5, 0.5, 0.3, 0.1]
+    config = PruningConfig(llm_pruning="schedule", schedule=schedule_file(tmp_path, keep), **BATCH_CASES[case])
+    batch = answers(model, tokenizer, processor, images, config)
+    for row, (image, question) in enumerate(zip(images, QUESTIONS)):
+        single = answers(model, tokenizer, processor, [image], config, [question])[0]
+        assert batch[row].text == single.text
+        assert batch[row].token_stats == single.token_stats
+    for answer in batch:  # the schedule starts from each sample's count as it entered the LLM (stage 1's, adaptive)
+        stats = answer.token_stats
+        assert stats["visual_per_layer"] == [round(stats["visual_after"] * Fraction(str(f))) for f in keep]
+    if "visual_pruning" in BATCH_CASES[case]:
+        assert len({a.token_stats["visual_after"] for a in batch}) > 1  # adaptive: the samples differ
+
+
+# ---- bad schedule files -------------------------------------------------------------------------------------------
+BAD_FILES = {
+    "not-json": ("{unit: fraction", r"bad\.json: not a readable JSON file"),
+    "no-keep": ({"unit": "fraction"}, r"bad\.json: expected a JSON object with 'unit' .* and 'keep'"),
+    "unit": ({"unit": "percent", "keep": [1, 1]}, r"bad\.json: 'unit' must be 'fraction' or 'count', got 'percent'"),
+    "empty": ({"unit": "fraction", "keep": []}, r"bad\.json: 'keep' must be a non-empty list"),
+    "above-one": ({"unit": "fraction", "keep": [1, 1, 1.5]}, r"bad\.json: layer 2 keeps 1\.5; a fraction must be .*"),
+    "negative": ({"unit": "count", "keep": [64, -3]}, r"bad\.json: layer 1 keeps -3; a count must be an integer >= 0"),
+    "count-float": ({"unit": "count", "keep": [64, 3.5]}, r"bad\.json: layer 1 keeps 3\.5; a count must be an integer"),
+    "text": ({"unit": "fraction", "keep": [1, "half"]}, r"bad\.json: layer 1 keeps 'half'; a fraction must be"),
+    "layer0": ({"unit": "fraction", "keep": [0.5, 0.5]}, r"bad\.json: layer 0 keeps 0\.5; nothing ranks .* must be 1"),
+    "grows": (
+        {"unit": "fraction", "keep": [1, 0.4, 0.6]},
+        r"bad\.json: layer 2 keeps 0\.6, more than layer 1's 0\.4; a dropped token cannot come back",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_a_bad_schedule_file_names_the_file_and_the_layer(tmp_path, case) -> None:
+    content, message = BAD_FILES[case]
+    path = tmp_path / "bad.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    with pytest.raises(PruningConfigError, match=message + r".*\(--schedule\)"):
+        PruningConfig(llm_pruning="schedule", schedule=str(path))
+
+
+def test_a_missing_or_unset_schedule_file_is_named(tmp_path) -> None:
+    with pytest.raises(PruningConfigError, match=r"needs a schedule file \(--schedule FILE\)"):
+        PruningConfig(llm_pruning="schedule")
+    with pytest.raises(PruningConfigError, match=r"schedule file '.*nope\.json' not found \(--schedule\)"):
+        PruningConfig(llm_pruning="schedule", schedule=str(tmp_path / "nope.json"))
+
+
+def test_what_only_the_model_can_tell_is_checked_before_anything_runs(deep, images, tmp_path) -> None:
+    tokenizer, model, processor = deep
+    short = PruningConfig(llm_pruning="schedule", schedule=schedule_file(tmp_path, [1, 0.5, 0.5], name="short.json"))
+    with pytest.raises(PruningConfigError, match=r"short\.json lists 3 layers; this model has 6 decoder layers"):
+        answers(model, tokenizer, processor, images[:1], short, QUESTIONS[:1])
+    few = PruningConfig(llm_pruning="schedule", schedule=schedule_file(tmp_path, [32] * 6, "count", name="few.json"))
+    with pytest.raises(PruningConfigError, match=r"few\.json: layer 0 keeps 32 visual tokens but a sample brings 64"):
+        answers(model, tokenizer, processor, images[:1], few, QUESTIONS[:1])
+
+
+def test_write_schedule_refuses_what_read_schedule_refuses_and_round_trips(tmp_path) -> None:
+    path = tmp_path / "s.json"
+    written = write_schedule(path, "fraction", [1, 0.5, 0.25], method="gsearch", tolerance=1.0)
+    assert read_schedule(path) == written and written.extra == {"method": "gsearch", "tolerance": 1.0}
+    assert written.counts(63) == [63, 32, 16]  # round half to even, as FastV rounds n (1 - R)
+    with pytest.raises(PruningConfigError, match=r"layer 2 keeps 0\.75, more than layer 1's 0\.5"):
+        write_schedule(tmp_path / "t.json", "fraction", [1, 0.5, 0.75])
+    assert not (tmp_path / "t.json").exists()
