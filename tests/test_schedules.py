@@ -10,6 +10,7 @@ G-Search (``eval.tools.gsearch.greedy_search``) on injected scoring functions wh
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -19,6 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from eval.tools import gsearch, psigmoid
+from eval.tools.gsearch import fraction_grid, greedy_search, open_calibration, schedule_config
+from eval.tools.psigmoid import optimise, p_sigmoid
+from llava.eval import model_vqa_loader
 from llava.inference import build_prompt, generate_answers
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
@@ -26,6 +31,7 @@ from llava.testing.tiny_llava import TinySpec, write_tiny_llava
 from pruning import PruningConfig, PruningConfigError, registry
 from pruning.llm_methods.schedule import ScheduleDropper, read_schedule, write_schedule
 from tests.conftest import random_image
+from tests.helpers import pope_fixture
 
 LAYERS = 6
 VISUAL = 64  # the tiny tower's patches
@@ -281,3 +287,162 @@ def test_write_schedule_refuses_what_read_schedule_refuses_and_round_trips(tmp_p
     with pytest.raises(PruningConfigError, match=r"layer 2 keeps 0\.75, more than layer 1's 0\.5"):
         write_schedule(tmp_path / "t.json", "fraction", [1, 0.5, 0.75])
     assert not (tmp_path / "t.json").exists()
+
+
+# ---- G-Search: the greedy rule on scoring functions whose optimum is known ------------------------------------------
+def essential(needed: list[float]):
+    """A calibration metric for which a schedule has no drop exactly when it keeps at least needed[l] at every layer
+    (the paper's assumption when ``needed`` does not grow with depth): 100 then, less the more it falls short."""
+
+    def score(keep: tuple[float, ...]) -> float:
+        return 100.0 - 50.0 * sum(max(0.0, n - k) for n, k in zip(needed, keep))
+
+    return score
+
+
+GRID = fraction_grid(0.1)
+
+
+@pytest.mark.parametrize(
+    "needed",
+    [
+        [1.0, 0.6, 0.3, 0.3, 0.1, 0.1],  # a sigmoid-like fall
+        [1.0, 1.0, 1.0, 0.5, 0.0, 0.0],
+        [1.0, 0.2, 0.2, 0.2, 0.2, 0.2],
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # nothing can go
+    ],
+)
+def test_gsearch_finds_the_optimum_when_the_needed_tokens_never_grow(needed) -> None:
+    calls = []
+    score = essential(needed)
+    found = greedy_search(len(needed), GRID, lambda keep: calls.append(keep) or score(keep), tolerance=0.0)
+    assert found.keep == tuple(needed) and found.metric == found.baseline == 100.0
+    assert len(calls) == len(set(calls)) == len(found.evaluations)  # no schedule scored twice
+    assert len(calls) <= 1 + (len(needed) - 1) * math.ceil(math.log2(len(GRID)))  # bisection per layer
+
+
+def test_gsearch_follows_the_greedy_rule_when_the_assumption_fails() -> None:
+    """Layer 2 needs more than layer 1: the rule fixes layer 1 at what it needs while the deeper layers inherit its
+    value, so layer 1 ends at the most any deeper layer needs (the suffix maximum), as the greedy order implies."""
+    needed = [1.0, 0.3, 0.7, 0.2, 0.5, 0.1]
+    found = greedy_search(len(needed), GRID, essential(needed), tolerance=0.0)
+    assert found.keep == (1.0, 0.7, 0.7, 0.5, 0.5, 0.1)
+
+
+def test_gsearch_tolerance_is_the_drop_it_accepts() -> None:
+    needed = [1.0, 0.6, 0.3, 0.3, 0.1, 0.1]
+    # 50 points per missing unit of fraction: a tolerance of 5 lets each layer give up 0.1 below what it needs
+    found = greedy_search(len(needed), GRID, essential(needed), tolerance=5.0)
+    assert found.metric >= found.baseline - 5.0
+    assert found.keep == (1.0, 0.5, 0.3, 0.3, 0.1, 0.1)  # layer 1 takes the slack; later layers have none left
+    with pytest.raises(ValueError, match="--tolerance must be >= 0"):
+        greedy_search(3, GRID, essential([1, 1, 1]), tolerance=-1)
+
+
+@pytest.fixture(scope="module")
+def pope_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pope")
+    pope_fixture(root)
+    return root
+
+
+def test_gsearch_through_the_tiny_model_reproduces_the_rule(deep_ckpt, pope_folder, tmp_path) -> None:
+    """The whole path (schedule file -> the method in the model -> answers -> score) with a score injected that
+    reads the counts each layer received: the optimum is known, and G-Search returns it."""
+    needed = [1.0, 1.0, 0.5, 0.5, 0.2, 0.0]
+    args = argparse.Namespace(
+        model_path=str(deep_ckpt), model_base=None, device="cpu", load_8bit=False, load_4bit=False,
+        use_flash_attn=False, vision_tower=None, benchmark="pope", data_dir=str(pope_folder), num_images=1,
+        work_dir=str(tmp_path), batch_size=4, max_new_tokens=2, conv_mode=None,
+        **{key: None for key in registry.defaults()},
+    )  # fmt: skip
+
+    def kept_enough(answers: Path) -> float:
+        rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
+        ok = [
+            all(v >= round(row["tokens"]["visual_after"] * Fraction(str(n))) for v, n in zip(per_layer, needed))
+            for row in rows
+            for per_layer in [row["tokens"]["visual_per_layer"]]
+        ]
+        return 100.0 * sum(ok) / len(ok)
+
+    calibration, base = open_calibration(args)
+    calibration.score = kept_enough
+    candidate = tmp_path / "candidate.json"
+    found = greedy_search(
+        calibration.layers, GRID, lambda keep: calibration.evaluate(schedule_config(base, keep, candidate)).metric, 0.0
+    )
+    assert found.keep == tuple(needed) and calibration.evaluations == len(found.evaluations)
+
+
+# ---- P-Sigmoid ----------------------------------------------------------------------------------------------------
+def test_the_p_sigmoid_family() -> None:
+    keep = p_sigmoid(8, steepness=20.0, centre=0.5, floor=0.1)
+    assert keep[0] == 1.0 and all(b <= a for a, b in zip(keep, keep[1:]))  # a valid schedule: never grows
+    assert keep[1] > 0.99 and abs(keep[-1] - 0.1) < 1e-3  # everything early, the floor late
+    assert p_sigmoid(8, 20.0, 0.5, 0.1)[4] == round(0.1 + 0.9 / (1 + math.exp(20.0 * (4 / 7 - 0.5))), 4)
+    assert p_sigmoid(1, 5.0, 0.5, 0.0) == (1.0,)
+
+
+def toy_cost(layers: int):
+    return lambda schedule: sum(schedule.keep) / layers  # the mean fraction kept: a FLOPs-like budget quantity
+
+
+def toy_objective(keep: tuple[float, ...]) -> float:
+    """Shallow layers matter more; a known preference the optimiser should follow."""
+    return sum(k * (len(keep) - i) ** 2 for i, k in enumerate(keep))
+
+
+def test_p_sigmoid_search_is_reproducible_with_a_seed_and_respects_the_budget() -> None:
+    layers, budget = 8, 0.45
+    first = optimise(layers, toy_objective, toy_cost(layers), budget, trials=12, seed=3, progress=False)
+    again = optimise(layers, toy_objective, toy_cost(layers), budget, trials=12, seed=3, progress=False)
+    other = optimise(layers, toy_objective, toy_cost(layers), budget, trials=12, seed=4, progress=False)
+    assert first.trials == again.trials and first.keep == again.keep and first.params == again.params
+    assert [t["params"] for t in other.trials] != [t["params"] for t in first.trials]
+    for trial in first.trials + other.trials:
+        if trial["state"] == "complete":
+            assert trial["cost"] <= budget and trial["keep"] == list(p_sigmoid(layers, **trial["params"]))
+    assert first.cost <= budget and first.metric == max(t["metric"] or 0 for t in first.trials)
+    assert first.cost > budget - 0.1  # the centre is fitted to the budget, not left far below it
+
+
+def test_p_sigmoid_refuses_a_budget_no_schedule_meets() -> None:
+    with pytest.raises(ValueError, match=r"the budget 0\.1 is below what any schedule reaches \(0\.125"):
+        optimise(8, toy_objective, toy_cost(8), 0.1, trials=2, seed=0, progress=False)
+
+
+# ---- the commands end to end ----------------------------------------------------------------------------------------
+def test_the_commands_write_schedules_the_runner_reads(deep_ckpt, pope_folder, tmp_path, capsys) -> None:
+    common = ["--model-path", str(deep_ckpt), "--benchmark", "pope", "--data-dir", str(pope_folder)]
+    common += ["--work-dir", str(tmp_path), "--max-new-tokens", "2", "--device", "cpu"]
+    g_out, p_out = tmp_path / "g.json", tmp_path / "p.json"
+    g = gsearch.main([*common, "--out", str(g_out), "--step", "0.25", "--tolerance", "0"])
+    p = psigmoid.main([*common, "--out", str(p_out), "--flops-ratio", "0.8", "--trials", "3", "--no-progress"])
+    for path, report in ((g_out, g), (p_out, p)):
+        schedule = read_schedule(path)
+        assert len(schedule.keep) == LAYERS and schedule.extra["method"] == report["method"]
+        assert schedule.extra["calibration"]["questions"] == 6 and report["search"]["evaluations"] >= 2
+    assert g["metric"] >= g["baseline_metric"] and len(g["evaluated"]) == g["search"]["evaluations"]
+    assert p["prefill_flops_ratio"] <= 0.8 and p["seed"] == 0
+    answers = tmp_path / "answers.jsonl"
+    argv = ["--model-path", str(deep_ckpt), "--question-file", str(pope_folder / "llava_pope_test.jsonl")]
+    argv += ["--image-folder", str(pope_folder / "val2014"), "--answers-file", str(answers), "--temperature", "0"]
+    argv += ["--max_new_tokens", "2", "--batch-size", "3", "--no-progress", "--llm-pruning", "schedule"]
+    assert model_vqa_loader.main([*argv, "--schedule", str(p_out)]) == 6
+    rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
+    counts = read_schedule(p_out).counts(VISUAL)
+    assert all(row["tokens"]["visual_per_layer"] == counts for row in rows)
+
+
+def test_the_commands_stop_on_bad_input_with_one_line(deep_ckpt, tmp_path, capsys) -> None:
+    base = ["--model-path", str(deep_ckpt), "--work-dir", str(tmp_path), "--out", str(tmp_path / "s.json")]
+    with pytest.raises(SystemExit, match=r"error: --benchmark and --data-dir go together"):
+        gsearch.main([*base, "--benchmark", "pope"])
+    with pytest.raises(SystemExit, match=r"error: .*the search sets --llm-pruning itself"):
+        gsearch.main([*base, "--llm-pruning", "fastv"])
+    with pytest.raises(SystemExit, match=r"error: --step must be in \(0, 1\]"):
+        gsearch.main([*base, "--step", "0"])
+    with pytest.raises(SystemExit, match=r"error: the budget must be in \(0, 1\] for --flops-ratio"):
+        psigmoid.main([*base, "--flops-ratio", "1.5"])
+    assert not (tmp_path / "s.json").exists()
