@@ -12,6 +12,11 @@ With one, it additionally computes:
 
 and, once a layer has evicted keys, replaces the model's mask by the cache's own slot mask (``[batch, 1, 1, slots]``
 for SDPA, ``[batch, slots]`` for flash-attention, whose varlen path then skips the empty slots).
+
+A packed prefill (``pruning.packing``) hands the wrapper one row holding every sample back to back and the
+``PackedPrefillCache`` in front of the eviction cache: the column sums are then computed per sample on its own slice
+(what a batch-1 run computes) and laid out left-padded, as the cache binds its budgets from the padded mask. Its
+SDPA variant, ``kv_eviction_packed_sdpa``, wraps ``packed_sdpa``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from pruning.config import PruningConfig, PruningConfigError
 from pruning.kv_cache import KVEvictionCache, KVEvictionLayer
 from pruning.llm import KVCachePolicy, register_kv_method
+from pruning.packing import PACKED_SDPA, PackedLayout, PackedPrefillCache, register_packed_sdpa
 from pruning.registry import Param, at_least
 
 PREFIX = "kv_eviction_"
@@ -91,6 +97,20 @@ def prefill_column_scores(
     return scores[:, :, 0]
 
 
+def packed_column_scores(
+    query: torch.Tensor, key: torch.Tensor, layout: PackedLayout, scaling: float, block_elements: int | None = None
+) -> torch.Tensor:
+    """``prefill_column_scores`` of a packed prefill: query ``[1, heads, T, dim]`` and key ``[1, kv_heads, T, dim]``
+    hold the samples back to back; each is scored on its own slice, as a batch-1 run scores it. Returns
+    ``[rows, kv_heads, length]`` in the layout's left-padded slots (pads 0)."""
+    per_sample = []
+    for start, end in layout.segments():
+        valid = torch.ones(1, end - start, dtype=torch.bool, device=key.device)
+        scores = prefill_column_scores(query[:, :, start:end], key[:, :, start:end], valid, scaling, block_elements)
+        per_sample.append(scores[0].transpose(0, 1))  # [L_b, kv_heads]
+    return layout.unpack(torch.cat(per_sample)).transpose(1, 2)
+
+
 def decode_row_probs(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
     """The new query's softmax probabilities over the cached slots, summed over each KV head's query group.
 
@@ -128,7 +148,12 @@ def _make_wrapper(base_name: str) -> Callable[..., tuple[torch.Tensor, Any]]:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if layer.awaiting == "prefill":
             output = base(backend_module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-            layer.observe_prefill(prefill_column_scores(query, key, layer.key_valid, scale))
+            packed = getattr(module, "_kv_eviction_packed", None)
+            if packed is not None:  # one row of samples back to back (pruning.packing)
+                scores = packed_column_scores(query, key, packed.layout_for(module.layer_idx), scale)
+            else:
+                scores = prefill_column_scores(query, key, layer.key_valid, scale)
+            layer.observe_prefill(scores)
             return output
         if layer.packed:
             attention_mask = None if layer.fully_occupied else _slot_mask(layer.key_valid, flash)
@@ -167,11 +192,14 @@ class _ConfigView:
 # ---- installing -------------------------------------------------------------------------------------------
 def _bind_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("past_key_values")
+    packed = cache if isinstance(cache, PackedPrefillCache) else None
+    cache = packed.inner if packed is not None else cache
     module._kv_eviction_cache = cache if isinstance(cache, KVEvictionCache) else None
+    module._kv_eviction_packed = packed if module._kv_eviction_cache is not None else None
 
 
 def _unbind_cache(module: nn.Module, args: tuple, output: Any) -> None:
-    module._kv_eviction_cache = None
+    module._kv_eviction_cache = module._kv_eviction_packed = None
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -207,7 +235,7 @@ def enable_kv_eviction(model: nn.Module) -> nn.Module:
         if not getattr(module, "_kv_eviction_hooked", False):
             module.register_forward_pre_hook(_bind_cache, with_kwargs=True)
             module.register_forward_hook(_unbind_cache, always_call=True)
-            module._kv_eviction_cache = None
+            module._kv_eviction_cache = module._kv_eviction_packed = None
             module._kv_eviction_hooked = True
     return model
 
@@ -232,6 +260,9 @@ def _switch_backend(config: Any) -> None:
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_wrapper(current))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    if current == "sdpa" and PREFIX + PACKED_SDPA not in ALL_ATTENTION_FUNCTIONS:  # a packed prefill's variant
+        register_packed_sdpa()
+        AttentionInterface.register(PREFIX + PACKED_SDPA, _make_wrapper(PACKED_SDPA))
     config._attn_implementation = name
 
 

@@ -24,6 +24,12 @@ model's final norm (DART compares tokens after it), and a dropper with ``compact
 kept tokens' positions 0, 1, 2, ... after each drop, as PyramidDrop does (prefill and decode steps; needs the
 model's ``rotary_emb``). ``LayerDropper.check_model`` lets a method refuse a model its settings do not fit (a layer
 index beyond the decoder) before anything runs.
+
+Packed prefills (``pruning.packing``: one row holding every sample's real tokens back to back) keep the same
+contract: the engine recognises the ``PackedPrefillCache`` in the layers' arguments, shows the dropper the usual
+left-padded view (``LayerView.hidden`` unpacked from the packed row) and, after a drop, packs the kept tokens again
+with their rotary embeddings, position ids and new sequence lengths (``cu_seq_lens_*`` for the packed attention),
+and tells the cache the layer's own left-padded prompt, so decoding is the same padded batch as without packing.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from transformers.cache_utils import Cache
 
 from pruning import registry
 from pruning.config import PruningConfig
+from pruning.packing import PackedLayout, PackedPrefillCache
 from pruning.registry import Param
 
 
@@ -170,6 +177,9 @@ class TokenDropping:
         self.counts: list[torch.Tensor] = []  # per layer: visual tokens entering it, [rows]
         self.decoding = False
         self.steps = 0
+        self.packed: PackedPrefillCache | None = None  # the prefill arrives packed (pruning.packing)
+        self.layout: PackedLayout | None = None  # packed: where the current tokens sit in the padded view
+        self.packed_kwargs: dict[str, Any] = {}  # packed: the layer arguments for the current tokens
 
     def visual_per_layer(self) -> list[list[int]]:
         """Per row, the visual tokens that entered each decoder layer at prefill."""
@@ -187,6 +197,9 @@ class TokenDropping:
             return args, kwargs
         if index == 0:
             self._start(hidden, kwargs)
+        packed_hidden = hidden
+        if self.packed is not None:  # the dropper sees the padded view
+            hidden = self.layout.unpack(hidden[0])
         view = LayerView(
             index,
             hidden,
@@ -201,6 +214,8 @@ class TokenDropping:
         keep = self.dropper.keep(view)
         if keep is not None:
             hidden = self._drop(keep, hidden)
+            if self.packed is not None:
+                packed_hidden = self._repack(hidden)
         self.counts.append(self.visual.sum(dim=1))
         if self.shortened:
             self.layer_keys[index] = self.valid
@@ -209,32 +224,66 @@ class TokenDropping:
                 cache.set_layer_prompt(index, self.valid)
             if self.dropper.compact_positions:
                 self.layer_shift[index] = self.removed
-            kwargs["attention_mask"] = _causal_mask(self.valid)
-            kwargs["position_embeddings"] = self.position_embeddings
-            if "position_ids" in kwargs:
-                kwargs["position_ids"] = self.position_ids
-            args, kwargs = _with_hidden(args, kwargs, hidden)
+            if self.packed is not None:
+                kwargs = {**kwargs, **self.packed_kwargs}
+                args, kwargs = _with_hidden(args, kwargs, packed_hidden)
+            else:
+                kwargs["attention_mask"] = _causal_mask(self.valid)
+                kwargs["position_embeddings"] = self.position_embeddings
+                if "position_ids" in kwargs:
+                    kwargs["position_ids"] = self.position_ids
+                args, kwargs = _with_hidden(args, kwargs, hidden)
         self.previous_input = hidden
         if index == len(self.layers) - 1:
             self.decoding, self.previous_input = True, None
         return args, kwargs
 
     def _start(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
-        if hidden.shape[:2] != self.valid.shape:
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, PackedPrefillCache):
+            self._start_packed(cache, hidden, kwargs)
+        elif hidden.shape[:2] != self.valid.shape:
             raise ValueError(
                 f"the prefill has {tuple(hidden.shape[:2])} tokens but the masks given to drop_tokens are "
                 f"{tuple(self.valid.shape)}: build them from the inputs the model sees"
             )
-        rows = hidden.shape[0]
-        cos, sin = kwargs["position_embeddings"]
-        self.position_embeddings = (cos.expand(rows, -1, -1), sin.expand(rows, -1, -1))
-        position_ids = kwargs.get("position_ids")
-        self.position_ids = None if position_ids is None else position_ids.expand(rows, -1)
+        else:
+            rows = hidden.shape[0]
+            cos, sin = kwargs["position_embeddings"]
+            self.position_embeddings = (cos.expand(rows, -1, -1), sin.expand(rows, -1, -1))
+            position_ids = kwargs.get("position_ids")
+            self.position_ids = None if position_ids is None else position_ids.expand(rows, -1)
         if self.dropper.compact_positions:
             if self.position_ids is None:  # the model numbers the padded prompt 0..L-1
                 self.position_ids = self.prompt_index.clone()
             first = self.valid.long().argmax(dim=1, keepdim=True)  # each row's first real token
             self.first_position = self.position_ids.gather(1, first)  # [rows, 1]
+
+    def _start_packed(self, cache: PackedPrefillCache, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """The prefill is one packed row: keep the padded view of positions (pads 0), as a padded prefill has it."""
+        layout = cache.layout
+        if not torch.equal(layout.valid, self.valid) or hidden.shape[:2] != (1, layout.total):
+            raise ValueError(
+                f"the packed prefill has {tuple(hidden.shape[:2])} tokens in the layout of a {tuple(layout.valid.shape)}"
+                f" mask, but the masks given to drop_tokens are {tuple(self.valid.shape)}: build them from the inputs "
+                "the model sees"
+            )
+        self.packed, self.layout = cache, layout
+        cos, sin = kwargs["position_embeddings"]
+        self.position_embeddings = (layout.unpack(cos[0]), layout.unpack(sin[0]))
+        position_ids = kwargs.get("position_ids")
+        self.position_ids = None if position_ids is None else layout.unpack(position_ids[0])
+
+    def _repack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """After a drop on the padded view: the kept tokens packed again, and the arguments later layers get."""
+        layout = self.layout = PackedLayout.from_mask(self.valid)
+        self.packed_kwargs = {
+            "attention_mask": None,
+            "position_embeddings": tuple(layout.pack(t)[None] for t in self.position_embeddings),
+            "position_ids": None if self.position_ids is None else layout.pack(self.position_ids)[None],
+            **layout.attention_kwargs(),
+        }
+        return layout.pack(hidden)[None]
 
     def _drop(self, keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Gather the kept tokens of every row to the right end (left padding), in their order."""

@@ -1,6 +1,11 @@
 """`generate` for LLaVA models: images in, new tokens out (as upstream), batch > 1 with left padding, and the
 per-sample token statistics the paper reports. The configured LLM-side methods (pruning/llm.py) run here: the
-``--kv-pruning`` policy's cache and the ``--llm-pruning`` dropper's hooks on the decoder layers."""
+``--kv-pruning`` policy's cache and the ``--llm-pruning`` dropper's hooks on the decoder layers.
+
+When the samples of a batch differ in length (stage 1 keeps a count per image), the language model's prefill runs
+packed (pruning/packing.py): on the concatenated real tokens, each sample with its own positions and attention, so a
+batch costs what its samples cost alone; decoding continues as the usual padded batch from the caches the prefill
+filled. ``packed_prefill=False`` (or ``"packed_prefill": false`` in the checkpoint's config.json) turns it off."""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import torch
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from pruning import PruningConfig, drop_tokens
+from pruning.packing import lengths_differ, unsupported_reason
+from pruning.packing import packed_prefill as packed_prefill_hooks
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -76,6 +83,24 @@ def warn_truncated_prompts(
             )
 
 
+def use_packed_prefill(
+    requested: bool | None, config, decoder: torch.nn.Module, attention_mask: torch.Tensor, kwargs: dict[str, Any]
+) -> bool:
+    """Whether this call's prefill runs packed: asked for (the call's ``packed_prefill``, else the config's
+    ``packed_prefill``, default on), samples of different lengths, and a decoder that can (``unsupported_reason``).
+    A call that asks for per-layer hidden states or attentions gets the padded prefill, whose outputs it expects.
+    Asked for explicitly on a decoder that cannot, it is an error naming the reason."""
+    wanted = requested if requested is not None else getattr(config, "packed_prefill", True)
+    if not wanted or not lengths_differ(attention_mask):
+        return False
+    if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+        return False
+    reason = unsupported_reason(decoder)
+    if reason is not None and requested:
+        raise ValueError(f"packed_prefill=True: {reason}; pass packed_prefill=False")
+    return reason is None
+
+
 class LlavaGenerationMixin:
     @torch.no_grad()
     def generate(
@@ -86,13 +111,15 @@ class LlavaGenerationMixin:
         pruning: PruningConfig | dict | None = None,
         return_stats: bool = False,
         image_texts: Sequence[str] | None = None,
+        packed_prefill: bool | None = None,
         **kwargs: Any,
     ):
         """Generate from token ids (with IMAGE_TOKEN_INDEX placeholders) and images.
 
         Returns only the new tokens, like upstream. ``pruning`` overrides the model's pruning config for this call;
         ``return_stats=True`` returns a LlavaGenerateOutput with per-sample token statistics; ``image_texts`` (the
-        question per image, in image order) reach text-guided vision-side methods.
+        question per image, in image order) reach text-guided vision-side methods; ``packed_prefill`` (default: the
+        config's ``packed_prefill``, on) packs the prefill of samples that differ in length.
         """
         if "inputs_embeds" in kwargs:
             raise ValueError("LLaVA generate builds inputs_embeds itself; pass token ids (and images) instead")
@@ -112,7 +139,22 @@ class LlavaGenerationMixin:
         )
         limit = getattr(self.config, "tokenizer_model_max_length", None)
         warn_truncated_prompts(inputs, attention_mask, merged.token_stats, limit)
+        return self.generate_merged(merged, pruning, return_stats, packed_prefill, **kwargs)
+
+    @torch.no_grad()
+    def generate_merged(
+        self,
+        merged,
+        pruning: PruningConfig,
+        return_stats: bool = False,
+        packed_prefill: bool | None = None,
+        **kwargs: Any,
+    ):
+        """``generate`` from inputs already merged (``merge_multimodal(..., "left", pruning)``, or a
+        ``MergedInputs.select`` of them): the language-model half, for callers that encode a window of requests
+        first and batch them by length (``llava.inference.generate_answers(group_size=...)``)."""
         repeats = generation_setting(kwargs, self.generation_config, "num_return_sequences", 1)
+        rows_mask = merged.attention_mask.repeat_interleave(repeats, dim=0)
         policy = dropper = None
         if pruning.kv_enabled:
             policy = pruning.method("kv_pruning").implementation(pruning)
@@ -128,14 +170,14 @@ class LlavaGenerationMixin:
                     f"--kv-pruning {pruning.kv_pruning} builds its own cache; do not pass past_key_values with it"
                 )
             policy.prepare(self)
-            kwargs["past_key_values"] = policy.make_cache(merged.attention_mask.repeat_interleave(repeats, dim=0))
+            kwargs["past_key_values"] = policy.make_cache(rows_mask)
         if pruning.llm_enabled:  # with a KV policy too: each shortened layer's cache learns its own prompt
             dropper = pruning.method("llm_pruning").implementation(pruning)
         dropping = (
             drop_tokens(
                 self.get_model().layers,
                 dropper,
-                merged.attention_mask.repeat_interleave(repeats, dim=0),
+                rows_mask,
                 merged.visual_mask.repeat_interleave(repeats, dim=0),
                 norm=self.get_model().norm,
                 rotary_emb=self.get_model().rotary_emb,
@@ -143,7 +185,12 @@ class LlavaGenerationMixin:
             if dropper is not None
             else nullcontext()
         )
-        with dropping as dropped:
+        packing = (
+            packed_prefill_hooks(self.get_model())
+            if use_packed_prefill(packed_prefill, self.config, self.get_model(), rows_mask, kwargs)
+            else nullcontext()
+        )
+        with dropping as dropped, packing:
             out = super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
         if not return_stats:
             return out
