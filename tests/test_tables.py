@@ -52,7 +52,7 @@ def test_table1_markdown_cell_by_cell(playground, capsys):
     out, err = run(capsys, "--results", str(playground), "--table", "1")
     assert out.startswith("**Table 1.** The effectiveness of the dynamic visual token pruning")
     cells = markdown_cells(out)
-    assert list(cells) == ["Topk", "Ours"]
+    assert list(cells)[:2] == ["Topk", "Ours"]  # then the rows of eval.tools.compare's runs
     assert cells["Topk"] == {
         "POPE": "86.2 (218)", "POPE (paper)": "86.5 (218)", "Δ POPE": "-0.3",
         "TextVQA": "-", "TextVQA (paper)": "54.97 (272)", "Δ TextVQA": "-",
