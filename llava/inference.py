@@ -1,7 +1,9 @@
 """Batched inference: prompts + images in, answers + per-sample token statistics out.
 
-Batches are left-padded with per-sample attention masks, so greedy answers equal batch-size-1 answers (tested).
-Every runner (run_llava, cli, the benchmark runners) goes through `generate_answers`.
+Batches are left-padded with per-sample attention masks, so greedy answers equal batch-size-1 answers (tested);
+when the samples differ in length the language model's prefill runs packed (llava/model/generation.py), so a batch
+computes only its real tokens. ``group_size`` encodes a window of requests first and answers them in batches of
+similar length. Every runner (run_llava, cli, the benchmark runners) goes through `generate_answers`.
 """
 
 from __future__ import annotations
@@ -120,12 +122,20 @@ def generate_answers(
     pruning: PruningConfig | None = None,
     seed: int | None = None,
     generate_kwargs: dict[str, Any] | None = None,
+    packed_prefill: bool | None = None,
+    group_size: int | None = None,
 ) -> list[Answer]:
     """Answer a batch of full prompts (already wrapped in a template) about their images (None = text only).
 
     ``generate_kwargs`` go to ``model.generate`` as well (e.g. a ``logits_processor``, as ``llava.lmms.scoring`` uses).
     Each image's question (``image_questions``) goes with it to the vision tower, for text-guided vision-side methods.
+    ``packed_prefill``: pack the prefill of samples of different lengths (default: the model config's
+    ``packed_prefill``, on). ``group_size``: the prompts are a window of requests; their images go through the
+    vision tower together, then the language model answers them ``group_size`` at a time, shortest prompts first
+    (batches of similar lengths pad little). Answers come back in the order of ``prompts``.
     """
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
     if len(prompts) != len(images):
         raise ValueError(f"got {len(prompts)} prompts but {len(images)} image entries")
     token_lists, flat_images, sizes, questions = [], [], [], []
@@ -164,15 +174,40 @@ def generate_answers(
         if top_p is not None:
             generation_kwargs["top_p"] = top_p
     generation_kwargs.update(generate_kwargs or {})
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    if group_size is not None and len(prompts) > group_size:
+        merged, resolved = model.merge_for_generation(
+            input_ids, attention_mask, pixel_values, sizes or None, pruning, questions or None
+        )
+        return _answer_in_groups(model, tokenizer, merged, resolved, group_size, packed_prefill, generation_kwargs)
     out = model.generate(
-        input_ids.to(device),
-        attention_mask=attention_mask.to(device),
+        input_ids,
+        attention_mask=attention_mask,
         images=pixel_values,
         image_sizes=sizes or None,
         pruning=pruning,
         return_stats=True,
         image_texts=questions or None,
+        packed_prefill=packed_prefill,
         **generation_kwargs,
     )
     texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
     return [Answer(text.strip(), stats) for text, stats in zip(texts, out.token_stats)]
+
+
+def length_groups(lengths: list[int], group_size: int) -> list[list[int]]:
+    """Indices in groups of ``group_size``, shortest first (ties keep their order)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start : start + group_size] for start in range(0, len(order), group_size)]
+
+
+def _answer_in_groups(model, tokenizer, merged, pruning, group_size, packed_prefill, generation_kwargs) -> list[Answer]:
+    answers: list[Answer | None] = [None] * len(merged.token_stats)
+    for rows in length_groups([stats["prompt"] for stats in merged.token_stats], group_size):
+        out = model.generate_merged(
+            merged.select(rows), pruning, return_stats=True, packed_prefill=packed_prefill, **generation_kwargs
+        )
+        texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        for row, text, stats in zip(rows, texts, out.token_stats, strict=True):
+            answers[row] = Answer(text.strip(), stats)
+    return answers

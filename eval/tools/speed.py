@@ -12,6 +12,12 @@ Four rows, each timed at every batch size (see docs/speed.md for what they mean 
   count behind the paper's Table 6) alpha is calibrated so that the mean visual tokens per image is T; otherwise
   the checkpoint's alpha is used.
 * ``ours-s12``: stage 1 + stage 2 (H2O KV eviction with the checkpoint's heavy/recent settings, paper 0.5/0.5).
+* ``ours-s1-packed``, ``ours-s12-packed``: the same with the packed prefill (pruning/packing.py: the LLM prefill on
+  the samples' real tokens only). The four rows above run padded (``packed_prefill=False``); ``none`` and ``topk``
+  keep one length per batch on LLaVA-1.5, so packing would change nothing there.
+
+``--group-window K`` adds a queue measurement: K batches of the largest batch size answered by ``ours-s1`` in
+question order or grouped by prompt length (the images of the K batches encoded first), padded or packed.
 
 Every run is one ``model.generate`` call with exactly ``--new-tokens`` new tokens: prefill = from the call to the
 first logits (tower + projector + merge + LLM prefill; the split at the LLM's first forward is reported too), decode
@@ -58,6 +64,7 @@ from eval.tools.speed_results import (
     Headline,
     IdealCost,
     PrefillHeadline,
+    QueueRow,
     Ratios,
     Row,
     RowSettings,
@@ -66,15 +73,19 @@ from eval.tools.speed_results import (
     SpeedReport,
     ThroughputScaling,
 )
+from llava.inference import length_groups
 from llava.model.builder import load_pretrained_model
 from pruning import PruningConfig
 
-ROWS = ("none", "topk", "ours-s1", "ours-s12")
+ROWS = ("none", "topk", "ours-s1", "ours-s12", "ours-s1-packed", "ours-s12-packed")
+PACKED_ROWS = {"ours-s1-packed": "ours-s1", "ours-s12-packed": "ours-s12"}  # row -> the padded row it packs
 ROW_TITLES = {
     "none": "no pruning",
     "topk": "fixed top-k, same mean count",
-    "ours-s1": "ours, stage 1",
-    "ours-s12": "ours, stages 1+2",
+    "ours-s1": "ours, stage 1 (padded prefill)",
+    "ours-s12": "ours, stages 1+2 (padded prefill)",
+    "ours-s1-packed": "ours, stage 1, packed prefill",
+    "ours-s12-packed": "ours, stages 1+2, packed prefill",
 }
 PAPER_VISUAL_TOKENS = 120  # "Ours" in the paper's Table 6 (60 text tokens + 120 visual tokens)
 PAPER_TEXT_TOKENS = 60
@@ -159,12 +170,18 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 
 
 def run_once(
-    model, batch: PromptBatch, pruning: PruningConfig, new_tokens: int, clock: Callable[[], float] = time.perf_counter
+    model,
+    batch: PromptBatch,
+    pruning: PruningConfig,
+    new_tokens: int,
+    clock: Callable[[], float] = time.perf_counter,
+    packed: bool = False,
 ) -> RunResult:
     """One ``model.generate`` call producing exactly ``new_tokens`` tokens per sample, timed step by step.
 
     ``clock`` is wall time, or the process's CPU time (``time.process_time``), which on a CPU shared with other jobs
     counts our work and not the time slices they take (with one thread: otherwise idle threads spinning count too).
+    ``packed``: the prefill runs packed where the samples differ in length, else on the left-padded batch.
     """
     sync = _syncer(model.device)
     steps = _StepClock(sync, clock)
@@ -194,6 +211,7 @@ def run_once(
                 use_cache=True,
                 pad_token_id=0,
                 logits_processor=LogitsProcessorList([steps]),
+                packed_prefill=packed,
             )
             sync()
             end = clock()
@@ -277,6 +295,14 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def timed_rows(base: PruningConfig, plan: RowPlan) -> dict[str, tuple[PruningConfig, bool]]:
+    """Every row's pruning settings and whether its prefill is packed."""
+    configs = row_configs(base, plan)
+    rows = {name: (config, False) for name, config in configs.items()}
+    rows.update({name: (configs[padded], True) for name, padded in PACKED_ROWS.items()})
+    return rows
+
+
 def summarise(name: str, batch: int, runs: list[RunResult], ideal: IdealCost, config: PruningConfig) -> Row:
     """Medians of the timed runs; token figures from the first run (every run keeps the same tokens)."""
     stats = runs[0].token_stats
@@ -344,21 +370,33 @@ def headline(rows: list[Row], scaling: dict[str, dict[str, float | None]]) -> He
     smallest = str(min(r.batch for r in rows))
     largest = str(max(r.batch for r in rows))
     prefill = {}
-    for ours in (r for r in rows if r.config == "ours-s1"):
-        ratios = ours.ratios
-        vs_ideal = ratios.prefill_vs_ideal
-        prefill[str(ours.batch)] = PrefillHeadline(
-            visual_tokens=ours.visual_tokens,
-            prefill_speedup=ratios.prefill_speedup,
-            ideal_prefill_speedup=ratios.ideal_prefill_speedup,
-            prefill_vs_ideal=vs_ideal,
-            within_15_percent_of_ideal=vs_ideal is not None and abs(vs_ideal - 1) <= 0.15,
-            ideal_padded_prefill_speedup=ratios.ideal_padded_prefill_speedup,
-            llm_prefill_speedup=ratios.llm_prefill_speedup,
-            ideal_llm_prefill_speedup=ratios.ideal_llm_prefill_speedup,
-        )
+    by_key = {(r.config, r.batch): r for r in rows}
+    prefill: dict[str, dict[str, PrefillHeadline]] = {}
+    for name in ("ours-s1", "ours-s1-packed"):
+        for ours in (r for r in rows if r.config == name):
+            ratios = ours.ratios
+            vs_ideal = ratios.prefill_vs_ideal
+            topk = by_key.get(("topk", ours.batch))
+            padded = by_key.get((PACKED_ROWS.get(name, name), ours.batch))
+            prefill.setdefault(name, {})[str(ours.batch)] = PrefillHeadline(
+                visual_tokens=ours.visual_tokens,
+                prefill_speedup=ratios.prefill_speedup,
+                ideal_prefill_speedup=ratios.ideal_prefill_speedup,
+                prefill_vs_ideal=vs_ideal,
+                within_15_percent_of_ideal=vs_ideal is not None and abs(vs_ideal - 1) <= 0.15,
+                ideal_padded_prefill_speedup=ratios.ideal_padded_prefill_speedup,
+                llm_prefill_speedup=ratios.llm_prefill_speedup,
+                ideal_llm_prefill_speedup=ratios.ideal_llm_prefill_speedup,
+                topk_prefill_speedup=None if topk is None else topk.ratios.prefill_speedup,
+                extra_mb=None if ours.extra_bytes is None else ours.extra_bytes / 2**20,
+                padded_extra_mb=None if padded is None or padded.extra_bytes is None else padded.extra_bytes / 2**20,
+            )
     scaling_to_largest = {name: values[largest] for name, values in scaling.items()}
-    return Headline(prefill, ThroughputScaling(smallest, largest, scaling_to_largest))
+    return Headline(
+        prefill.get("ours-s1", {}),
+        ThroughputScaling(smallest, largest, scaling_to_largest),
+        prefill.get("ours-s1-packed", {}),
+    )
 
 
 def _log(message: str) -> None:
@@ -385,28 +423,133 @@ def run_suite(
     rows: list[Row] = []
     settings: dict[str, RowSettings] = {}
     smallest = min(plans)
-    for config in row_configs(base, plans[smallest]).values():
+    for config, packed in timed_rows(base, plans[smallest]).values():
         for _ in range(warmup):
-            run_once(model, prompts.first(smallest), config, new_tokens, clock)
+            run_once(model, prompts.first(smallest), config, new_tokens, clock, packed)
     for batch, plan in plans.items():
-        configs = row_configs(base, plan)
+        configs = timed_rows(base, plan)
         inputs = prompts.first(batch)
-        for name, config in configs.items():
+        for name, (config, _) in configs.items():
             settings.setdefault(name, RowSettings(ROW_TITLES[name])).pruning[str(batch)] = config.describe()
         runs: dict[str, list[RunResult]] = {name: [] for name in configs}
         for repeat in range(repeats):
             order = list(configs) if repeat % 2 == 0 else list(reversed(configs))
             for name in order:
-                result = run_once(model, inputs, configs[name], new_tokens, clock)
+                config, packed = configs[name]
+                result = run_once(model, inputs, config, new_tokens, clock, packed)
                 runs[name].append(result)
                 _log(f"batch {batch} repeat {repeat + 1}/{repeats} {name:<9} prefill {result.prefill_s:8.3f} s, "
                      f"decode {1000 * result.decode_s_per_token:8.1f} ms/token")  # fmt: skip
-        for name, config in configs.items():
+        for name, (config, _) in configs.items():
             stats = runs[name][0].token_stats
             ideal = ideal_cost(model, stats, crops, config.visual_layer, hardware)
             rows.append(summarise(name, batch, runs[name], ideal, config))
     add_ratios(rows)
     return rows, settings
+
+
+# ---- a queue of requests: grouping by length against packing ------------------------------------------------------
+
+QUEUE_MODES = {  # name -> (grouped, packed)
+    "question order, padded": (False, False),
+    "question order, packed": (False, True),
+    "grouped by length, padded": (True, False),
+    "grouped by length, packed": (True, True),
+}
+
+
+def _fixed_length(new_tokens: int) -> dict[str, Any]:
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0)
+
+
+def run_queue(
+    model,
+    prompts: PromptBatch,
+    config: PruningConfig,
+    batch: int,
+    grouped: bool,
+    packed: bool,
+    new_tokens: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[float, int]:
+    """(seconds, LLM prefill token positions) to answer every prompt, ``batch`` per ``generate`` call.
+
+    Grouped: the images of the whole queue go through the tower first (``merge_for_generation``), then the language
+    model answers the requests ``batch`` at a time, shortest prompts first, as ``generate_answers(group_size=)``.
+    """
+    sync = _syncer(model.device)
+    sync()
+    start = clock()
+    positions = 0
+    if grouped:
+        merged, resolved = model.merge_for_generation(
+            prompts.input_ids, prompts.attention_mask, prompts.pixel_values, prompts.image_sizes, config
+        )
+        for rows in length_groups([s["prompt"] for s in merged.token_stats], batch):
+            part = merged.select(rows)
+            model.generate_merged(part, resolved, packed_prefill=packed, **_fixed_length(new_tokens))
+            mask = part.attention_mask
+            positions += int(mask.sum()) if packed else mask.numel()
+    else:
+        for begin in range(0, prompts.size, batch):
+            part = prompts.rows(begin, begin + batch)
+            out = model.generate(
+                part.input_ids,
+                attention_mask=part.attention_mask,
+                images=part.pixel_values,
+                image_sizes=part.image_sizes,
+                pruning=config,
+                return_stats=True,
+                packed_prefill=packed,
+                **_fixed_length(new_tokens),
+            )
+            lengths = [s["prompt"] for s in out.token_stats]
+            positions += sum(lengths) if packed else len(lengths) * max(lengths)
+    sync()
+    return clock() - start, positions
+
+
+def run_queue_suite(
+    model,
+    prompts: PromptBatch,
+    config: PruningConfig,
+    batch: int,
+    repeats: int,
+    new_tokens: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[QueueRow]:
+    """Every queue mode ``repeats`` times, alternating the order; medians, speedups against the first mode."""
+    runs: dict[str, list[float]] = {name: [] for name in QUEUE_MODES}
+    positions: dict[str, int] = {}
+    for repeat in range(repeats):
+        order = list(QUEUE_MODES) if repeat % 2 == 0 else list(reversed(QUEUE_MODES))
+        for name in order:
+            seconds, positions[name] = run_queue(model, prompts, config, batch, *QUEUE_MODES[name], new_tokens, clock)
+            runs[name].append(seconds)
+            _log(f"queue of {prompts.size}, batch {batch}, repeat {repeat + 1}/{repeats} {name}: {seconds:8.3f} s")
+    rows = [
+        QueueRow(name, *QUEUE_MODES[name], prompts.size, batch, statistics.median(times), positions[name], times)
+        for name, times in runs.items()
+    ]
+    for row in rows:
+        row.speedup = _ratio(rows[0].seconds, row.seconds)
+    return rows
+
+
+def queue_markdown(queue: list[QueueRow], clock: str) -> list[str]:
+    first = queue[0]
+    unit = "CPU s" if clock == "cpu" else "s"
+    return [
+        f"A queue of {first.requests} requests answered {first.batch} per call by `ours-s1` (grouped: the images of "
+        "the whole queue encoded first, then batches of similar prompt length):",
+        "",
+        format_table(
+            ["Batches", f"Total {unit}", "Speedup", "LLM prefill positions", "Requests / s"],
+            [[row.mode, _fmt(row.seconds, 2), _fmt(row.speedup), row.llm_prefill_tokens,
+              _fmt(row.requests / row.seconds)] for row in queue],
+        ),
+        "",
+    ]  # fmt: skip
 
 
 # ---- reports ----------------------------------------------------------------------------------------------------
@@ -437,16 +580,16 @@ def markdown(report: SpeedReport) -> str:
         f"Calibration: {setup.calibration_note}",
         "",
     ]
-    header = ["Batch", "Row", "Visual tok", "Prompt", "KV final", "Prefill s", "Speedup", "Ideal",
-              "LLM prefill s", "LLM speedup", "LLM ideal", "Decode ms/tok", "Decode speedup", "Extra MB",
+    header = ["Batch", "Row", "Visual tok", "Prompt", "Longest", "KV final", "Prefill s", "Speedup", "Ideal",
+              "Ideal, padded", "LLM prefill s", "LLM speedup", "LLM ideal", "Decode ms/tok", "Decode speedup", "Extra MB",
               "Mem ratio", "Tok/s", "Tok/s ratio"]  # fmt: skip
     table = []
     for row in rows:
         ratios = row.ratios
         table.append([
-            row.batch, row.config, _fmt(row.visual_tokens, 1), _fmt(row.prompt_tokens, 1),
+            row.batch, row.config, _fmt(row.visual_tokens, 1), _fmt(row.prompt_tokens, 1), row.prompt_tokens_max,
             _fmt(row.kv_final, 1), _fmt(row.prefill_s, 3), _fmt(ratios.prefill_speedup),
-            _fmt(ratios.ideal_prefill_speedup), _fmt(row.llm_prefill_s, 3),
+            _fmt(ratios.ideal_prefill_speedup), _fmt(ratios.ideal_padded_prefill_speedup), _fmt(row.llm_prefill_s, 3),
             _fmt(ratios.llm_prefill_speedup), _fmt(ratios.ideal_llm_prefill_speedup),
             _fmt(row.decode_s_per_token, 1, 1000), _fmt(ratios.decode_speedup), _mb(row.extra_bytes),
             _fmt(ratios.extra_memory_ratio), _fmt(row.throughput_tok_s), _fmt(ratios.throughput_ratio),
@@ -477,6 +620,27 @@ def markdown(report: SpeedReport) -> str:
         ),
         "",
     ]  # fmt: skip
+    if report.headline.ours_s1_packed_prefill:
+        padded = report.headline.ours_s1_prefill
+        lines += [
+            "Packed against padded prefill (ours, stage 1), speedups over `none`:",
+            "",
+            format_table(
+                ["Batch", "Padded", "Packed", "Top-k", "Ideal (unpadded)", "Ideal, padded batch",
+                 "Packed / ideal", "Packed / top-k", "Extra MB padded", "Extra MB packed"],
+                [
+                    [b, _fmt(padded[b].prefill_speedup if b in padded else None), _fmt(h.prefill_speedup),
+                     _fmt(h.topk_prefill_speedup), _fmt(h.ideal_prefill_speedup),
+                     _fmt(h.ideal_padded_prefill_speedup), _fmt(h.prefill_vs_ideal),
+                     _fmt(_ratio(h.prefill_speedup, h.topk_prefill_speedup)), _fmt(h.padded_extra_mb, 0),
+                     _fmt(h.extra_mb, 0)]
+                    for b, h in report.headline.ours_s1_packed_prefill.items()
+                ],
+            ),
+            "",
+        ]  # fmt: skip
+    if report.queue:
+        lines += queue_markdown(report.queue, setup.clock)
     table = []
     for name, info in report.configs.items():
         settings = info.pruning
@@ -488,7 +652,8 @@ def markdown(report: SpeedReport) -> str:
         "",
         "Speedup = time of `none` / time of the row, same batch size. Ideal = ratio of OPs (tower + projector + LLM "
         "prefill, each sample at its own length; the LLM part is eval.roofline's count); 'padded batch' counts the "
-        "LLM at the batch's longest prompt, as a left-padded batch computes it. Extra MB = peak memory "
+        "LLM at the batch's longest prompt, as a left-padded batch computes it; a packed prefill computes the "
+        "unpadded one. Extra MB = peak memory "
         "above the level at the start of the call (weights excluded). "
         + ("Times are process CPU seconds (tokens per CPU second)." if setup.clock == "cpu" else "Times are wall "
            "seconds."),
@@ -587,6 +752,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--target-visual-tokens", type=float, default=None,
                      help=f"calibrate alpha to this mean (default {PAPER_VISUAL_TOKENS} with random weights, "
                           "the checkpoint's alpha otherwise; 0 = keep alpha)")  # fmt: skip
+    run.add_argument(
+        "--group-window",
+        type=int,
+        default=0,
+        help="also time a queue of this many batches of the largest batch size (ours-s1): question order against "
+        "grouped by prompt length, padded against packed (0: skip)",
+    )
     run.add_argument("--image-folder", default=None, help="real images (default: synthetic shapes)")
     run.add_argument("--image-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"))
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -607,6 +779,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--batch-sizes and --repeats must be >= 1, --warmup >= 0")
     if args.new_tokens < 2:
         parser.error(f"--new-tokens must be >= 2 (decode time is measured between tokens), got {args.new_tokens}")
+    if args.group_window < 0:
+        parser.error(f"--group-window must be >= 0, got {args.group_window}")
     if args.text_tokens < 1:
         parser.error(f"--text-tokens must be >= 1, got {args.text_tokens}")
     if args.clock == "cpu" and not args.device.startswith("cpu"):
@@ -633,10 +807,11 @@ def main(argv: list[str] | None = None) -> SpeedReport:
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     model, processor, description = load_model(args, args.device, dtype)
     sizes = sorted(set(args.batch_sizes))
+    count = sizes[-1] * max(1, args.group_window)
     images = (
-        folder_images(args.image_folder, sizes[-1])
+        folder_images(args.image_folder, count)
         if args.image_folder
-        else synthetic_images(sizes[-1], tuple(args.image_size), args.seed)
+        else synthetic_images(count, tuple(args.image_size), args.seed)
     )
     prompts = build_prompt_batch(model, processor, images, args.text_tokens, args.seed)
     base = model.pruning_config
@@ -648,6 +823,10 @@ def main(argv: list[str] | None = None) -> SpeedReport:
     rows, configs = run_suite(
         model, prompts, plans, args.repeats, args.warmup, args.new_tokens, args.hardware, CLOCKS[args.clock]
     )
+    queue = []
+    if args.group_window:
+        ours = row_configs(base, plans[sizes[-1]])["ours-s1"]
+        queue = run_queue_suite(model, prompts, ours, sizes[-1], args.repeats, args.new_tokens, CLOCKS[args.clock])
     scaling = batch_scaling(rows)
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     setup = Setup(
@@ -668,7 +847,7 @@ def main(argv: list[str] | None = None) -> SpeedReport:
         plans=plans,
         calibration_note=calibration_note(plans, n, args.target_visual_tokens),
     )
-    report = SpeedReport(command, setup, configs, rows, scaling, headline(rows, scaling))
+    report = SpeedReport(command, setup, configs, rows, scaling, headline(rows, scaling), queue)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")

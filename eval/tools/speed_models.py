@@ -257,7 +257,10 @@ class PromptBatch:
         return torch.ones_like(self.input_ids)  # every prompt has the same length: no padding
 
     def first(self, size: int) -> PromptBatch:
-        return PromptBatch(self.input_ids[:size], self.pixel_values[:size], self.image_sizes[:size])
+        return self.rows(0, size)
+
+    def rows(self, start: int, stop: int) -> PromptBatch:
+        return PromptBatch(self.input_ids[start:stop], self.pixel_values[start:stop], self.image_sizes[start:stop])
 
 
 def build_prompt_batch(model, processor, images: list[Image.Image], text_tokens: int, seed: int = 0) -> PromptBatch:

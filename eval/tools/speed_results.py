@@ -71,7 +71,7 @@ class Ratios:
 class Row:
     """One pruning setting at one batch size: medians over the timed runs, token means over the samples."""
 
-    config: str  # the row's name (``none``, ``topk``, ``ours-s1``, ``ours-s12``)
+    config: str  # the row's name (``none``, ``topk``, ``ours-s1``, ``ours-s12``, ``ours-s1-packed``, ...)
     batch: int
     pruning: str  # PruningConfig.describe()
     visual_tokens: float | None
@@ -120,6 +120,9 @@ class PrefillHeadline:
     ideal_padded_prefill_speedup: float | None
     llm_prefill_speedup: float | None
     ideal_llm_prefill_speedup: float | None
+    topk_prefill_speedup: float | None = None  # fixed top-k at the same mean count, same batch size
+    extra_mb: float | None = None  # peak memory above the call's start (the row's)
+    padded_extra_mb: float | None = None  # the same for the padded row (a packed row's counterpart)
 
 
 @dataclass
@@ -138,12 +141,14 @@ class ThroughputScaling:
 class Headline:
     """The acceptance figures."""
 
-    ours_s1_prefill: dict[str, PrefillHeadline]  # batch size -> figures
+    ours_s1_prefill: dict[str, PrefillHeadline]  # batch size -> figures, padded prefill
     throughput_scaling: ThroughputScaling
+    ours_s1_packed_prefill: dict[str, PrefillHeadline] = field(default_factory=dict)  # the same, packed prefill
 
     def to_json(self) -> dict[str, Any]:
         return {
             "ours_s1_prefill": {batch: asdict(h) for batch, h in self.ours_s1_prefill.items()},
+            "ours_s1_packed_prefill": {batch: asdict(h) for batch, h in self.ours_s1_packed_prefill.items()},
             "throughput_scaling": self.throughput_scaling.to_json(),
         }
 
@@ -175,6 +180,21 @@ class Setup:
 
 
 @dataclass
+class QueueRow:
+    """A queue of requests answered by one row's settings, in batches formed one way (``--group-window``)."""
+
+    mode: str
+    grouped: bool  # batches of similar prompt lengths (images of the whole queue encoded first), else question order
+    packed: bool  # packed prefill
+    requests: int
+    batch: int
+    seconds: float  # median over the repeats, whole queue
+    llm_prefill_tokens: int  # token positions the LLM prefill computes: padded batches count rows x longest
+    runs: list[float] = field(default_factory=list)
+    speedup: float | None = None  # against the first mode (question order, padded)
+
+
+@dataclass
 class SpeedReport:
     command: str
     setup: Setup
@@ -182,6 +202,7 @@ class SpeedReport:
     rows: list[Row]
     batch_scaling: dict[str, dict[str, float | None]]  # row name -> batch size -> throughput over the smallest's
     headline: Headline
+    queue: list[QueueRow] = field(default_factory=list)
 
     def rows_named(self, name: str) -> list[Row]:
         return sorted((row for row in self.rows if row.config == name), key=lambda row: row.batch)
@@ -195,4 +216,5 @@ class SpeedReport:
             "rows": [row.to_json() for row in self.rows],
             "batch_scaling": self.batch_scaling,
             "headline": self.headline.to_json(),
+            "queue": [asdict(row) for row in self.queue],
         }

@@ -12,7 +12,9 @@ settings for it. Which benchmark uses which format, with which files and flags, 
   produced the file are in its run record (``llava.eval.run_record``, written before the first answer); a rerun
   with other settings (model, pruning, template, decoding) is refused, naming the differences. Failed answers
   (``error`` lines, see below) are retried by the next run;
-- batching: ``--batch-size`` samples per ``generate`` call, left-padded (same greedy answers as batch size 1);
+- batching: ``--batch-size`` samples per ``generate`` call, left-padded (same greedy answers as batch size 1); the
+  language model's prefill runs packed when their lengths differ (``--no-packed-prefill`` turns that off), and
+  ``--group-window K`` encodes K batches' images first and forms the batches from requests of similar length;
 - writing: one JSON line per answer, written and flushed as soon as its batch is done, with upstream's fields
   (``question_id``, ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``) plus ``tokens``, the
   per-sample token statistics;
@@ -138,6 +140,19 @@ def build_parser(question_format: QuestionFormat, description: str | None = None
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (only matters with --temperature > 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call (left-padded)")
     parser.add_argument(
+        "--no-packed-prefill",
+        action="store_true",
+        help="run the language model's prefill on the left-padded batch instead of packing the samples' real tokens "
+        "(packing is the default when a batch's prompts differ in length; same greedy answers)",
+    )
+    parser.add_argument(
+        "--group-window",
+        type=int,
+        default=1,
+        help="encode the images of this many batches at once, then answer them --batch-size at a time, requests of "
+        "similar length together (1: batches in question order); answers are written in question order",
+    )
+    parser.add_argument(
         "--skip-errors",
         action="store_true",
         help="record questions whose image cannot be read, or whose row lacks a field (no text, a bad image name, an "
@@ -159,6 +174,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise RunnerInputError(f"--chunk-idx must be in [0, {args.num_chunks - 1}], got {args.chunk_idx}")
     if args.batch_size < 1:
         raise RunnerInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.group_window < 1:
+        raise RunnerInputError(f"--group-window must be >= 1, got {args.group_window}")
     if args.max_new_tokens < 1:
         raise RunnerInputError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not Path(args.question_file).is_file():
@@ -453,6 +470,15 @@ def model_generate_fn(conv_mode: str, tokenizer, model, image_processor, **gener
     return generate
 
 
+def serving_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """How requests are batched (packing, grouping by length): not in the run record, the greedy answers are the
+    same either way."""
+    return {
+        "packed_prefill": False if args.no_packed_prefill else None,
+        "group_size": args.batch_size if args.group_window > 1 else None,
+    }
+
+
 def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "temperature": args.temperature,
@@ -503,14 +529,15 @@ def main(question_format: QuestionFormat, argv: list[str] | None = None, descrip
         f"pruning: {model.pruning_config.describe()}",
         file=sys.stderr,
     )
-    generate = model_generate_fn(conv_mode, tokenizer, model, image_processor, **generation_settings(args))
+    settings = {**generation_settings(args), **serving_settings(args)}
+    generate = model_generate_fn(conv_mode, tokenizer, model, image_processor, **settings)
     try:
         return run(
             samples,
             answers_file,
             generate,
             get_model_name_from_path(args.model_path),
-            batch_size=args.batch_size,
+            batch_size=args.batch_size * args.group_window,  # one generate call per window
             skip_errors=args.skip_errors,
             progress=not args.no_progress,
             desc=desc,

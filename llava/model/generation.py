@@ -127,6 +127,20 @@ class LlavaGenerationMixin:
             raise ValueError("generate needs input ids")
         attention_mask = kwargs.pop("attention_mask", None)
         kwargs.pop("position_ids", None)  # recomputed from the merged attention mask
+        merged, pruning = self.merge_for_generation(inputs, attention_mask, images, image_sizes, pruning, image_texts)
+        return self.generate_merged(merged, pruning, return_stats, packed_prefill, **kwargs)
+
+    @torch.no_grad()
+    def merge_for_generation(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        images: torch.Tensor | list | None,
+        image_sizes: list | None = None,
+        pruning: PruningConfig | dict | None = None,
+        image_texts: Sequence[str] | None = None,
+    ):
+        """The first half of ``generate``: (left-padded merged inputs, the pruning config in force)."""
         pruning = (
             self.pruning_config
             if pruning is None
@@ -139,7 +153,7 @@ class LlavaGenerationMixin:
         )
         limit = getattr(self.config, "tokenizer_model_max_length", None)
         warn_truncated_prompts(inputs, attention_mask, merged.token_stats, limit)
-        return self.generate_merged(merged, pruning, return_stats, packed_prefill, **kwargs)
+        return merged, pruning
 
     @torch.no_grad()
     def generate_merged(

@@ -56,6 +56,24 @@ class MergedInputs:
     token_stats: list[dict[str, Any]]  # per sample: visual_before, visual_after, inflection, prompt
     visual_mask: torch.Tensor  # [B, L] bool: the positions that hold image features (LLM-side methods read it)
 
+    def select(self, rows: Sequence[int]) -> MergedInputs:
+        """The samples ``rows`` as a batch of their own, left padding cut to its longest prompt (generation inputs:
+        padded on the left, as ``merge_multimodal(..., "left")`` returns them)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.attention_mask.device)
+        mask = self.attention_mask[index]
+        start = mask.shape[1] - int(mask.sum(dim=1).max())
+        if bool(mask[:, :start].any()):
+            raise ValueError("MergedInputs.select needs left-padded inputs (merge_multimodal(..., 'left'))")
+        labels = None if self.labels is None else self.labels[index, start:]
+        return MergedInputs(
+            self.inputs_embeds[index, start:],
+            mask[:, start:],
+            self.position_ids[index, start:],
+            labels,
+            [self.token_stats[row] for row in rows],
+            self.visual_mask[index, start:],
+        )
+
 
 @dataclass
 class LlavaCausalLMOutput(CausalLMOutputWithPast):

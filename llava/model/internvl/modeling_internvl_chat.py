@@ -22,12 +22,19 @@ from torch import nn
 from transformers import PreTrainedModel, Qwen2ForCausalLM
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava.model.generation import LlavaGenerateOutput, final_kv_length, generated_lengths, generation_setting
+from llava.model.generation import (
+    LlavaGenerateOutput,
+    final_kv_length,
+    generated_lengths,
+    generation_setting,
+    use_packed_prefill,
+)
 from llava.model.internvl.configuration_internvl_chat import InternVLChatConfig
 from llava.model.internvl.modeling_intern_vit import InternVisionEmbeddings, InternVisionEncoderLayer, InternVisionModel
 from llava.model.internvl.vision import select_tile_tokens
 from llava.model.llava_arch import ImageFeatures, LlavaCausalLMOutput, MultimodalInputError
 from pruning import PruningConfig, drop_tokens
+from pruning.packing import packed_prefill as packed_prefill_hooks
 
 
 @dataclass
@@ -40,6 +47,22 @@ class MergedInputs:
     labels: torch.Tensor | None  # [B, L]
     visual_mask: torch.Tensor  # [B, L] bool: the positions holding image tokens (not <img> / </img>)
     token_stats: list[dict[str, Any]]  # per sample: visual_before, visual_after, inflection, prompt, crops, ...
+
+    def select(self, rows: Sequence[int]) -> MergedInputs:
+        """The samples ``rows`` as a batch of their own, left padding cut to its longest prompt."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.attention_mask.device)
+        mask = self.attention_mask[index]
+        start = mask.shape[1] - int(mask.sum(dim=1).max())
+        if bool(mask[:, :start].any()):
+            raise ValueError("MergedInputs.select needs left-padded inputs (merge_for_generation)")
+        return MergedInputs(
+            self.inputs_embeds[index, start:],
+            mask[:, start:],
+            self.position_ids[index, start:],
+            None if self.labels is None else self.labels[index, start:],
+            self.visual_mask[index, start:],
+            [self.token_stats[row] for row in rows],
+        )
 
 
 class InternVLChatModel(PreTrainedModel):
@@ -271,12 +294,14 @@ class InternVLChatModel(PreTrainedModel):
         pruning: PruningConfig | dict | None = None,
         return_stats: bool = False,
         image_texts: Sequence[str] | None = None,
+        packed_prefill: bool | None = None,
         **kwargs: Any,
     ):
         """New tokens for left-padded prompts and their images, as ``LlavaLlamaForCausalLM.generate``: the same
         arguments (``image_sizes`` is not needed: the tiles carry the layout; ``image_texts`` is not read: the
         vision-side methods of InternVL2 are keep rules), ``pruning`` overrides the model's
-        settings for this call, ``return_stats=True`` adds per-sample token statistics. Stops at ``<|im_end|>``
+        settings for this call, ``return_stats=True`` adds per-sample token statistics, ``packed_prefill`` packs
+        the prefill of samples that differ in length (llava/model/generation.py). Stops at ``<|im_end|>``
         unless ``eos_token_id`` says otherwise, as the official ``chat``."""
         if "inputs_embeds" in kwargs:
             raise ValueError("InternVL generate builds inputs_embeds itself; pass token ids (and images) instead")
@@ -286,9 +311,34 @@ class InternVLChatModel(PreTrainedModel):
             raise ValueError("generate needs input ids")
         attention_mask = kwargs.pop("attention_mask", None)
         kwargs.pop("position_ids", None)  # recomputed from the merged attention mask
+        merged, pruning = self.merge_for_generation(inputs, attention_mask, images, None, pruning)
+        return self.generate_merged(merged, pruning, return_stats, packed_prefill, **kwargs)
+
+    @torch.no_grad()
+    def merge_for_generation(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        images,
+        image_sizes: list | None = None,
+        pruning: PruningConfig | dict | None = None,
+        image_texts: Sequence[str] | None = None,
+    ) -> tuple[MergedInputs, PruningConfig]:
+        """The first half of ``generate``: (left-padded merged inputs, the pruning config in force)."""
         pruning = _pruning(self, pruning)
         images = images if _has_images(images) else None
-        merged = self.merge_multimodal(inputs, attention_mask, None, images, "left", pruning)
+        return self.merge_multimodal(inputs, attention_mask, None, images, "left", pruning), pruning
+
+    @torch.no_grad()
+    def generate_merged(
+        self,
+        merged: MergedInputs,
+        pruning: PruningConfig,
+        return_stats: bool = False,
+        packed_prefill: bool | None = None,
+        **kwargs: Any,
+    ):
+        """``generate`` from inputs already merged (``merge_for_generation``, or a ``select`` of them)."""
         language_model = self.language_model
         generation_config = language_model.generation_config
         repeats = generation_setting(kwargs, generation_config, "num_return_sequences", 1)
@@ -320,7 +370,13 @@ class InternVLChatModel(PreTrainedModel):
             if dropper is not None
             else nullcontext()
         )
-        with dropping as dropped:
+        decoder = language_model.model
+        packing = (
+            packed_prefill_hooks(decoder)
+            if use_packed_prefill(packed_prefill, self.config, decoder, rows_mask, kwargs)
+            else nullcontext()
+        )
+        with dropping as dropped, packing:
             out = language_model.generate(
                 inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs
             )
