@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eval.common import INPUT_ERROR_STATUS
 from llava.eval import model_vqa_loader
 from llava.inference import build_prompt, generate_answers
 from llava.lmms.options import parse_model_args
@@ -304,7 +305,6 @@ def test_the_references_drop_what_the_official_defaults_say(deep, images, monkey
 # ---- batches, stage 1, stage 2 ----------------------------------------------------------------------------------
 BATCH_CASES = {
     "fastv": {"llm_pruning": "fastv", "fastv_k": 3, "fastv_ratio": 0.7},
-    "fastv-all": {"llm_pruning": "fastv", "fastv_query": "all"},
     "pdrop": {"llm_pruning": "pdrop", "pdrop_layers": "1,3,5"},
     "dart": {"llm_pruning": "dart", "llm_tokens": 24},
     "fastv+stage1": {"llm_pruning": "fastv", "visual_pruning": "longtail", "alpha": 0.5, "visual_layer": 2},
@@ -318,7 +318,7 @@ BATCH_CASES = {
 
 def answers(model, tokenizer, processor, images, config, questions=QUESTIONS):
     prompts = [build_prompt(q, "vicuna_v1", model_config=model.config) for q in questions]
-    return generate_answers(model, tokenizer, processor, prompts, images, pruning=config, max_new_tokens=5)
+    return generate_answers(model, tokenizer, processor, prompts, images, pruning=config, max_new_tokens=3)
 
 
 @pytest.mark.parametrize("case", list(BATCH_CASES), ids=list(BATCH_CASES))
@@ -339,6 +339,22 @@ def test_a_batch_of_four_equals_four_single_runs(deep, images, case) -> None:
 
 
 @pytest.mark.parametrize("name", ["fastv", "pdrop", "dart"])
+def test_a_text_only_row_keeps_everything_and_batches(deep, images, name) -> None:
+    tokenizer, model, processor = deep
+    prompts = [
+        build_prompt(QUESTIONS[1], "vicuna_v1", model_config=model.config),
+        build_prompt("Tell me a story about a cat.", "vicuna_v1", num_images=0, model_config=model.config),
+    ]
+    config = BATCH_CASES[name]
+    batch = generate_answers(model, tokenizer, processor, prompts, [images[0], None], pruning=config, max_new_tokens=4)
+    for row, image in enumerate([images[0], None]):
+        single = generate_answers(model, tokenizer, processor, prompts[row : row + 1], [image], pruning=config,
+                                  max_new_tokens=4)[0]  # fmt: skip
+        assert batch[row].text == single.text and batch[row].token_stats == single.token_stats
+    assert batch[1].token_stats["visual_per_layer"] == [0] * LAYERS
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart"])
 def test_with_stage_2_each_layer_evicts_within_its_own_prompt(deep, images, name) -> None:
     """--kv-pruning h2o on top: each decoder layer's KV budget comes from the tokens that layer saw (its cache holds
     min(P_l + G - 1, floor(0.4 P_l)) keys), and a batch of four equals four single runs."""
@@ -354,7 +370,7 @@ def test_with_stage_2_each_layer_evicts_within_its_own_prompt(deep, images, name
         prompt = answer.token_stats["prompt"]
         assert answer.token_stats["kv_final"] == min(prompt + answer.token_stats["generated"], math.floor(0.4 * prompt))
 
-    input_ids, mask, pixels, sizes = inputs(model, tokenizer, processor, images, QUESTIONS)
+    input_ids, mask, pixels, sizes = inputs(model, tokenizer, processor, images[:2], QUESTIONS[:2])
     with torch.no_grad():
         out = model.generate(
             input_ids, attention_mask=mask, images=pixels, image_sizes=sizes, pruning=config, do_sample=False,
@@ -422,24 +438,43 @@ RUNNER_COUNTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(RUNNER_FLAGS))
-def test_each_method_runs_through_a_runner_flag(deep_ckpt, images, tmp_path, name) -> None:
+def run_loader(ckpt: Path, images, tmp_path: Path, *flags: str) -> Path:
     folder = tmp_path / "images"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     for i, image in enumerate(images):
         image.save(folder / f"img_{i}.png")
     rows = [{"question_id": i, "image": f"img_{i}.png", "text": q} for i, q in enumerate(QUESTIONS)]
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     answers_file = tmp_path / "answers.jsonl"
-    argv = ["--model-path", str(deep_ckpt), "--question-file", str(questions), "--image-folder", str(folder)]
+    argv = ["--model-path", str(ckpt), "--question-file", str(questions), "--image-folder", str(folder)]
     argv += ["--answers-file", str(answers_file), "--temperature", "0", "--max_new_tokens", "3", "--no-progress"]
-    argv += ["--batch-size", "4", "--llm-pruning", name, *RUNNER_FLAGS[name]]
-    assert model_vqa_loader.main(argv) == len(rows)
+    assert model_vqa_loader.main([*argv, "--batch-size", "4", *flags]) == len(rows)
+    return answers_file
+
+
+@pytest.mark.parametrize("name", list(RUNNER_FLAGS))
+def test_each_method_runs_through_a_runner_flag(deep_ckpt, images, tmp_path, name) -> None:
+    answers_file = run_loader(deep_ckpt, images, tmp_path, "--llm-pruning", name, *RUNNER_FLAGS[name])
     lines = [json.loads(line) for line in answers_file.read_text(encoding="utf-8").splitlines()]
-    assert [line["tokens"]["visual_per_layer"] for line in lines] == [RUNNER_COUNTS[name]] * len(rows)
+    assert [line["tokens"]["visual_per_layer"] for line in lines] == [RUNNER_COUNTS[name]] * len(QUESTIONS)
     record = json.loads(answers_file.with_name("answers.run.json").read_text(encoding="utf-8"))
     assert record["pruning"]["llm_pruning"] == name
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--llm-tokens", "65"], r"error: .*llm_tokens 65 is above the 64 visual tokens .*\(--llm-tokens\)"),
+        (["--fastv-k", "9"], r"error: .*fastv_k 9 is not a decoder layer of this model, which has 6 .*\(--fastv-k\)"),
+    ],
+)
+def test_settings_the_model_cannot_meet_stop_the_runner_before_writing(deep_ckpt, images, tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message) as stop:
+        run_loader(deep_ckpt, images, tmp_path, "--llm-pruning", "fastv", *flags)
+    assert stop.value.code == INPUT_ERROR_STATUS  # one error line, no traceback
+    answers_file = tmp_path / "answers.jsonl"
+    assert not answers_file.exists() or answers_file.read_text(encoding="utf-8") == ""
 
 
 def test_every_entry_point_takes_the_flags() -> None:
@@ -465,11 +500,13 @@ def test_llava16_drops_over_all_crops(tmp_path_factory, images) -> None:
     ckpt = write_tiny_llava_next(tmp_path_factory.mktemp("llm16") / "llava-v1.6-vicuna-tiny", spec, seed=1)
     tokenizer, model, processor, _ = load_pretrained_model(str(ckpt), None, None, device="cpu")
     pdrop = {"llm_pruning": "pdrop", "pdrop_layers": "1,2", "pdrop_ratios": "0.5,0.25"}
+    pair, questions = images[1:3], QUESTIONS[1:3]  # a tall image and a square one: different crop counts
     for config in ({"llm_pruning": "fastv"}, pdrop, {"llm_pruning": "dart"}):
-        batch = answers(model, tokenizer, processor, images, config)
-        for row, (image, question) in enumerate(zip(images, QUESTIONS)):
+        batch = answers(model, tokenizer, processor, pair, config, questions)
+        for row, (image, question) in enumerate(zip(pair, questions)):
             single = answers(model, tokenizer, processor, [image], config, [question])[0]
             assert batch[row].text == single.text and batch[row].token_stats == single.token_stats
+        assert batch[0].token_stats["visual_after"] != batch[1].token_stats["visual_after"]
         for answer in batch:
             per_layer, n = answer.token_stats["visual_per_layer"], answer.token_stats["visual_after"]
             assert per_layer[0] == n > 64  # every crop's tokens and the row separators reach the LLM
