@@ -10,7 +10,7 @@ Rows (``eval/tools/compare_plan.py``): no pruning; ours (the long-tail rule at `
 ``--budgets`` visual tokens per image (vision side: ``--visual-tokens``; LLM side, FastV / PyramidDrop / DART:
 ``--llm-tokens``); the adaptive methods at their own counts. Each row is answered through the benchmark runners' core
 (``llava.eval.runner``: answers file, run record, resume, settings check) under the run name
-``<model>-<method>[-<budget>]`` in the benchmark folder (``answers/``, ``results/``), as
+``<model>-<method>[-<budget>]`` (``-matched`` at ours' count) in the benchmark folder (``answers/``, ``results/``), as
 ``scripts/v1_5/eval/<benchmark>.sh`` would with ``CKPT`` and ``PRUNING_ARGS``, and scored by the benchmark's own
 scorer. Then every row is timed in one process (prefill and decode, batch 1 and batch ``--speed-batch``) against no
 pruning. Written to ``--output-dir``: ``comparison.md`` (also printed), ``comparison.json``, ``comparison.png``.
@@ -232,13 +232,15 @@ def score(data: Data, prepared: Prepared) -> dict[str, Any] | None:
     score_args = data.benchmark.score_args(run)
     if score_args is None:
         return None
-    Path(run.result_json).unlink(missing_ok=True)
+    started = time.time()
     done = subprocess.run([sys.executable, "-m", data.benchmark.scorer, *score_args], capture_output=True, text=True,
                           check=False)  # fmt: skip
     if done.returncode != 0:
         raise RunnerInputError(f"the {data.benchmark.name} scorer failed on {run.answers}:\n{done.stderr.strip()}")
     path = Path(run.result_json)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file() or path.stat().st_mtime < started - 1:  # a result of an earlier run is not this one's
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 # ---- the comparison -------------------------------------------------------------------------------------------
