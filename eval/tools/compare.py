@@ -211,7 +211,7 @@ def prepare(args: argparse.Namespace, data: Data, row: Row) -> Prepared:
 
 def answer(prepared: Prepared, loaded: tuple, progress: bool) -> None:
     tokenizer, model, processor = loaded
-    settings = runner.generation_settings(prepared.args)
+    settings = {**runner.generation_settings(prepared.args), **runner.serving_settings(prepared.args)}
     pruning = PruningConfig.from_dict(prepared.record["pruning"], source=prepared.row.key)
     generate = runner.model_generate_fn(prepared.conv_mode, tokenizer, model, processor, **settings, pruning=pruning)
     runner.run(
@@ -404,6 +404,7 @@ def build_report(args, data, model, rows, prepared, results, refused, speed, spe
             "speed_new_tokens": args.speed_new_tokens,
             "clock": args.clock,
             "threads": torch.get_num_threads() if model.device.type == "cpu" else None,
+            "packed_prefill": bool(getattr(model.config, "packed_prefill", True)),
         },
         "machine": {"device": describe_device(model), "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
         "matched_count": count,

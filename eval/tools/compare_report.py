@@ -184,11 +184,17 @@ def how_measured(report: Mapping[str, Any]) -> str:
     s = report["settings"]
     clock = "process CPU time" if s["clock"] == "cpu" else "wall time"
     threads = f", {s['threads']} torch thread(s)" if s.get("threads") else ""
+    packing = (
+        "where the prompts differ in length the LLM prefill runs packed, the model's default"
+        if s.get("packed_prefill", True)
+        else "the LLM prefill runs on the padded batch (packed_prefill off in the model's config)"
+    )
     return (
         f"Speed: one `generate` call per row and batch, {s['speed_new_tokens']} new tokens, {clock}{threads}, "
         f"median of {s['speed_repeats']} runs (rows alternate within each run); batch 1 = each of the "
         f"{s['speed_batch']} speed questions alone (mean), b{s['speed_batch']} = the {s['speed_batch']} together "
-        "(left-padded). Prefill = call start to the first logits (tower, projector and LLM prefill); speed-up = "
+        f"(left-padded; {packing}). Prefill = call start to the first logits (tower, projector and LLM prefill); "
+        "speed-up = "
         "none's prefill time / the row's. Prefill GOPs: the LLM only (eval.roofline, each layer at its own length). "
         f"Device {report['machine']['device']}; wall time of the whole comparison {report['wall_s'] / 60:.1f} min."
     )

@@ -7,7 +7,8 @@ one ``model.generate`` with exactly ``new_tokens`` new tokens; a logits processo
 forward: prefill = call start to the first logits (tower, projector, merge and LLM prefill), decode = the mean time
 per later token. Within every repeat the rows run one after another (in reverse order on odd repeats), so drift on a
 shared machine hits them alike; each figure is the median over repeats. Batch 1 is each speed question alone
-(the mean over them), the batch is all of them together.
+(the mean over them), the batch is all of them together: left-padded, and where their prompts differ in length the
+language model's prefill runs packed (``generate``'s default, the model config's ``packed_prefill``).
 """
 
 from __future__ import annotations
