@@ -14,8 +14,8 @@ and, once a layer has evicted keys, replaces the model's mask by the cache's own
 for SDPA, ``[batch, slots]`` for flash-attention, whose varlen path then skips the empty slots).
 
 A packed prefill (``pruning.packing``) hands the wrapper one row holding every sample back to back and the
-``PackedPrefillCache`` in front of the eviction cache: the column sums are then computed per sample on its own slice
-(what a batch-1 run computes) and laid out left-padded, as the cache binds its budgets from the padded mask. Its
+``PackedPrefillCache`` in front of the eviction cache: the column sums are then computed on the samples unpacked
+in the left-padded layout the cache binds its budgets from (pads masked, as in a padded prefill). Its
 SDPA variant, ``kv_eviction_packed_sdpa``, wraps ``packed_sdpa``.
 """
 
@@ -101,14 +101,13 @@ def packed_column_scores(
     query: torch.Tensor, key: torch.Tensor, layout: PackedLayout, scaling: float, block_elements: int | None = None
 ) -> torch.Tensor:
     """``prefill_column_scores`` of a packed prefill: query ``[1, heads, T, dim]`` and key ``[1, kv_heads, T, dim]``
-    hold the samples back to back; each is scored on its own slice, as a batch-1 run scores it. Returns
-    ``[rows, kv_heads, length]`` in the layout's left-padded slots (pads 0)."""
-    per_sample = []
-    for start, end in layout.segments():
-        valid = torch.ones(1, end - start, dtype=torch.bool, device=key.device)
-        scores = prefill_column_scores(query[:, :, start:end], key[:, :, start:end], valid, scaling, block_elements)
-        per_sample.append(scores[0].transpose(0, 1))  # [L_b, kv_heads]
-    return layout.unpack(torch.cat(per_sample)).transpose(1, 2)
+    hold the samples back to back. They are scored in the layout's left-padded slots (pads masked, as a padded
+    prefill scores them: one batched pass, not a kernel series per sample); returns ``[rows, kv_heads, length]``."""
+
+    def padded(states: torch.Tensor) -> torch.Tensor:  # [1, heads, T, dim] -> [rows, heads, length, dim]
+        return layout.unpack(states[0].transpose(0, 1)).transpose(1, 2)
+
+    return prefill_column_scores(padded(query), padded(key), layout.valid, scaling, block_elements)
 
 
 def decode_row_probs(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -8,9 +8,12 @@ at the longest prompt. Packing runs the prefill on the ``T = sum(L_b)`` real tok
   ``max_length_q/k`` keywords of every forward to ``flash_attn_varlen_func`` (``cu_seqlens_q/k``: int32
   ``[B + 1]`` cumulative lengths starting at 0; ``max_seqlen_q/k``: the longest sample; q, k, v
   ``[total_tokens, heads, head_dim]``; ``causal=True``), the library's variable-length kernel;
-* SDPA: ``packed_sdpa`` (registered under that name) runs SDPA once per sample on its own slice, causal, which is
-  exactly the kernel call of a batch-1 run and costs ``sum(L_b^2)`` scores. A block-diagonal mask
-  (``PackedLayout.block_diagonal_mask``) gives the same result at ``T^2`` cost; it is kept as the reference.
+* SDPA: ``packed_sdpa`` (registered under that name). On CUDA in fp16 / bf16 it calls PyTorch's own
+  FlashAttention-2 variable-length kernel (``torch.nn.attention.varlen.varlen_attn``, same cumulative lengths;
+  causal as flash-attention's bottom-right window ``(-1, 0)``): one kernel per layer. Elsewhere (CPU, fp32, older
+  torch) it runs SDPA once per sample on its own slice, causal, exactly the kernel call of a batch-1 run, costing
+  ``sum(L_b^2)`` scores. A block-diagonal mask (``PackedLayout.block_diagonal_mask``) gives the same result at
+  ``T^2`` cost; it is kept as the reference.
 
 Decoding continues from the caches the prefill filled: ``PackedPrefillCache`` stands in for the generation cache
 during the prefill and writes each layer's keys and values into it in the usual left-padded layout, so the decode
@@ -22,7 +25,8 @@ padded layout). ``packed_prefill(decoder)`` arms this for one ``generate`` call:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +47,7 @@ class PackedLayout:
     valid: torch.Tensor  # [rows, length] bool: real tokens (left padding: False first)
     lengths: tuple[int, ...]  # real tokens per row
     cu_seqlens: torch.Tensor  # [rows + 1] int32, 0 first: flash-attention's cumulative sequence lengths
+    flat_index: torch.Tensor  # [total] long: each packed token's slot in the flattened [rows * length] view
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> PackedLayout:
@@ -55,7 +60,8 @@ class PackedLayout:
             raise ValueError(f"every row needs at least one real token to pack, got lengths {list(lengths)}")
         cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=valid.device)
         cu_seqlens[1:] = torch.cumsum(counts, dim=0)
-        return cls(valid, lengths, cu_seqlens)
+        # index once (one host sync), so that packing and unpacking each layer's tensors never waits on the device
+        return cls(valid, lengths, cu_seqlens, valid.flatten().nonzero().flatten())
 
     @property
     def rows(self) -> int:
@@ -76,13 +82,13 @@ class PackedLayout:
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[rows, length, ...] -> [total, ...]."""
-        return padded[self.valid]
+        return padded.flatten(0, 1).index_select(0, self.flat_index)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """[total, ...] -> [rows, length, ...], zeros on padding."""
-        padded = packed.new_zeros(*self.valid.shape, *packed.shape[1:])
-        padded[self.valid] = packed
-        return padded
+        padded = packed.new_zeros(self.valid.numel(), *packed.shape[1:])
+        padded.index_copy_(0, self.flat_index, packed)
+        return padded.view(*self.valid.shape, *packed.shape[1:])
 
     def position_ids(self) -> torch.Tensor:
         """[1, total]: 0 .. L_b - 1 for each sample, the positions a batch-1 run gives it."""
@@ -137,11 +143,34 @@ def packed_sdpa(
         raise ValueError("packed_sdpa takes one packed row and no attention mask (the lengths say who sees whom)")
     if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
         raise ValueError("packed_sdpa runs a prefill: queries and keys must have the same sequence lengths")
+    kernel = cuda_varlen_kernel(query)
+    if kernel is not None and kwargs.get("dropout", 0.0) == 0.0:
+        groups = query.shape[1] // key.shape[1]
+        key, value = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (key, value))
+        flat = [t[0].transpose(0, 1) for t in (query, key, value)]  # [T, heads, dim]
+        longest = int(max_length_q) if max_length_q is not None else int(cu_seq_lens_q.diff().max())
+        out = kernel(
+            *flat, cu_seq_lens_q, cu_seq_lens_q, longest, longest, scale=kwargs.get("scaling"), window_size=(-1, 0)
+        )
+        return out[None], None
     outputs = [
         sdpa(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, **kwargs)[0]
         for start, end in segments_of(cu_seq_lens_q)
     ]
     return torch.cat(outputs, dim=1), None
+
+
+def cuda_varlen_kernel(query: torch.Tensor) -> Callable | None:
+    """PyTorch's FlashAttention-2 varlen kernel where it applies (CUDA, fp16 / bf16, a torch whose ``varlen_attn``
+    takes ``scale`` and ``window_size``), else None."""
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch before 2.9: the per-sample SDPA path
+        return None
+    accepted = inspect.signature(varlen_attn).parameters
+    return varlen_attn if "scale" in accepted and "window_size" in accepted else None
 
 
 def register_packed_sdpa() -> None:
