@@ -48,7 +48,7 @@ def test_writes_json_markdown_and_png(tiny_result):
     out, report = tiny_result
     written = json.loads((out / "speed.json").read_text())
     assert written == json.loads(json.dumps(report.to_json()))
-    assert list(written) == ["suite", "command", "setup", "configs", "rows", "batch_scaling", "headline"]
+    assert list(written) == ["suite", "command", "setup", "configs", "rows", "batch_scaling", "headline", "queue"]
     assert list(written["rows"][0]) == [*Row.__dataclass_fields__]  # a row's fields, in order, ratios last
     text = (out / "speed.md").read_text()
     assert report.command in text and "| Batch | Row |" in text
