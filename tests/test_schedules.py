@@ -20,8 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.tools import gsearch, psigmoid
-from eval.tools.gsearch import fraction_grid, greedy_search, open_calibration, schedule_config
+from eval.roofline import PRESETS, ModelSpec, prefill_cost
+from eval.tools import gsearch, psigmoid, schedule_compare
+from eval.tools.gsearch import (
+    PrefillCost,
+    SampleTokens,
+    fraction_grid,
+    greedy_search,
+    open_calibration,
+    schedule_config,
+)
 from eval.tools.psigmoid import optimise, p_sigmoid
 from llava.eval import model_vqa_loader
 from llava.inference import build_prompt, generate_answers
@@ -29,7 +37,7 @@ from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.testing.tiny_llava import TinySpec, write_tiny_llava
 from pruning import PruningConfig, PruningConfigError, registry
-from pruning.llm_methods.schedule import ScheduleDropper, read_schedule, write_schedule
+from pruning.llm_methods.schedule import Schedule, ScheduleDropper, read_schedule, write_schedule
 from tests.conftest import random_image
 from tests.helpers import pope_fixture
 
@@ -446,3 +454,57 @@ def test_the_commands_stop_on_bad_input_with_one_line(deep_ckpt, tmp_path, capsy
     with pytest.raises(SystemExit, match=r"error: the budget must be in \(0, 1\] for --flops-ratio"):
         psigmoid.main([*base, "--flops-ratio", "1.5"])
     assert not (tmp_path / "s.json").exists()
+
+
+# ---- the comparison's equal-FLOPs settings --------------------------------------------------------------------------
+def test_the_comparison_predicts_the_counts_fastv_and_pyramiddrop_produce(deep, images) -> None:
+    """Each baseline's setting for a budget is solved from its counts per layer; they must be the method's own."""
+    tokenizer, model, processor = deep
+    sample = SampleTokens(text=40, visual=VISUAL, visual_before=VISUAL)
+    config = {"llm_pruning": "fastv", "fastv_k": 2, "fastv_ratio": 0.3}
+    fastv = answers(model, tokenizer, processor, images[:1], config, QUESTIONS[:1])
+    assert fastv[0].token_stats["visual_per_layer"] == schedule_compare.fastv_counts(2, 0.3, LAYERS)(sample)
+    at, lam = [1, 3, 5], 0.6
+    ratios = ",".join(f"{round(lam**p, 4):g}" for p in (1, 2, 3))
+    config = {"llm_pruning": "pdrop", "pdrop_layers": "1,3,5", "pdrop_ratios": ratios}
+    pdrop = answers(model, tokenizer, processor, images[:1], config, QUESTIONS[:1])
+    assert pdrop[0].token_stats["visual_per_layer"] == schedule_compare.pdrop_counts(at, lam, LAYERS)(sample)
+    assert schedule_compare.pdrop_layers(32) == [8, 16, 24] and schedule_compare.pdrop_layers(3) == [1, 2]
+
+
+def test_the_comparison_solves_a_setting_to_the_closest_flops() -> None:
+    ratio = lambda r: 1 - 0.6 * r  # noqa: E731  (FLOPs fall as R grows)
+    assert schedule_compare.closest(ratio, 0.7, 0, 1, grows=False) == 0.5
+    assert schedule_compare.closest(lambda x: x * x, 0.25, 0.0001, 1, grows=True) == 0.5
+    assert schedule_compare.closest(ratio, 0.1, 0, 1, grows=False) == 1.0  # out of reach: the nearest end
+
+
+def test_prefill_cost_counts_each_layer_at_its_own_tokens() -> None:
+    spec = ModelSpec.from_config(PRESETS["vicuna-7b"], "vicuna-7b")
+    cost = PrefillCost(spec)
+    full = prefill_cost(spec, 612)
+    assert cost.prefill([612] * 32) == pytest.approx(full.ops)  # no dropping: eval.roofline's own total
+    sample = SampleTokens(text=36, visual=576, visual_before=576)
+    half = Schedule("fraction", (1.0,) * 2 + (0.5,) * 30)
+    expected = (2 * cost.layer(612) + 30 * cost.layer(324) + full.lm_head.ops) / full.ops
+    assert cost.schedule_ratio([sample], half) == pytest.approx(expected)
+    stats = {"prompt": 612, "visual_before": 576, "visual_after": 576, "visual_per_layer": [576] * 2 + [288] * 30}
+    assert cost.measured_ratio([stats]) == pytest.approx(expected)
+
+
+def test_the_comparison_command_runs_end_to_end(tiny_ckpt, tmp_path) -> None:
+    """docs/schedules.md's command on the 2-layer tiny model, one budget, the smallest sets: every method measured
+    on the test set, the LLM-side ones at the budget's FLOPs, the table, the JSON and the figure written."""
+    out = tmp_path / "compare"
+    argv = ["--model-path", str(tiny_ckpt), "--num-images", "1", "--test-images", "1", "--budgets", "0.9"]
+    summary = schedule_compare.main([*argv, "--trials", "2", "--step", "0.5", "--out-dir", str(out), "--device", "cpu"])
+    methods = [row["method"] for row in summary["rows"]]
+    assert methods == ["LLaVA-1.5 (no pruning)", "G-Search", "ours, stage 1 + G-Search", *schedule_compare.METHODS]
+    flops = {row["method"]: row["prefill_flops"] for row in summary["rows"]}
+    assert flops["LLaVA-1.5 (no pruning)"] == 1.0
+    for method in ("FastV", "PyramidDrop", "P-Sigmoid"):  # same visual count on both sets: the budget carries over
+        assert abs(flops[method] - 0.9) < 0.03, method
+    assert flops["ours, stage 1"] == flops["ours, stages 1+2"] < 1.0
+    assert (out / "results.json").is_file() and (out / "schedules.png").stat().st_size > 10_000
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert "| 90 % | P-Sigmoid |" in table and "| G-Search | [1, " in table

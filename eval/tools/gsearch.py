@@ -15,8 +15,8 @@ That assumption also makes the test monotone in r_l, so the smallest is found by
 schedule passes exactly when it keeps at least e_l tokens at every layer (e non-increasing), the result is e: the
 optimum (tests/test_schedules.py checks this on injected scores).
 
-Cost: one evaluation of the calibration set for m0, then about log2(1 / step) + 1 per layer (repeated schedules are
-not evaluated twice); the command prints the count and the time, and writes both into the schedule file.
+Cost: one evaluation of the calibration set for m0, then at most ceil(log2(1 / step + 1)) per layer (a schedule is
+never evaluated twice); the command prints the count and the time, and writes both into the schedule file.
 
 This module also holds what the schedule commands share (``eval.tools.psigmoid``, ``eval.tools.schedule_compare``):
 the calibration set run through the benchmark's own runner format and scorer (``Calibration``) and the prefill cost
@@ -149,10 +149,15 @@ class PrefillCost:
         """No pruning at all: every sample's visual tokens as the tower made them, in every layer."""
         return sum(self.prefill([s.text + s.visual_before] * self.layers) for s in samples)
 
+    def ratio(self, samples: Sequence[SampleTokens], counts: Callable[[SampleTokens], Sequence[int]]) -> float:
+        """The prefill OPs of the samples, ``counts(sample)`` visual tokens entering each layer, over those of the
+        unpruned model."""
+        total = sum(self.prefill([s.text + c for c in counts(s)]) for s in samples)
+        return total / self.unpruned(samples)
+
     def schedule_ratio(self, samples: Sequence[SampleTokens], schedule: Schedule) -> float:
         """The prefill OPs of the samples under ``schedule`` over those of the unpruned model."""
-        total = sum(self.prefill([s.text + c for c in schedule.counts(s.visual)]) for s in samples)
-        return total / self.unpruned(samples)
+        return self.ratio(samples, lambda s: schedule.counts(s.visual))
 
     def measured_ratio(self, tokens: Sequence[dict[str, Any]]) -> float:
         """The same ratio from answers' token statistics as a run wrote them (``visual_per_layer`` when an LLM-side

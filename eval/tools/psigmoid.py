@@ -168,10 +168,7 @@ def budget_cost(cost: PrefillCost, samples: Sequence[SampleTokens], kind: str) -
     """The budget quantity of a schedule on the calibration samples: 'flops' (ratio to the unpruned prefill) or
     'tokens' (mean visual tokens entering a layer)."""
     if kind == "flops":
-        unpruned = cost.unpruned(samples)
-        return lambda schedule: (
-            sum(cost.prefill([s.text + c for c in schedule.counts(s.visual)]) for s in samples) / unpruned
-        )
+        return lambda schedule: cost.schedule_ratio(samples, schedule)
     return lambda schedule: mean_visual_tokens(samples, schedule)
 
 
