@@ -262,7 +262,7 @@ class TokenDropping:
     def _start_packed(self, cache: PackedPrefillCache, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         """The prefill is one packed row: keep the padded view of positions (pads 0), as a padded prefill has it."""
         layout = cache.layout
-        if not torch.equal(layout.valid, self.valid) or hidden.shape[:2] != (1, layout.total):
+        if not torch.equal(layout.valid, self.valid) or hidden.shape[:2] != (1, layout.width):
             raise ValueError(
                 f"the packed prefill has {tuple(hidden.shape[:2])} tokens in the layout of a {tuple(layout.valid.shape)}"
                 f" mask, but the masks given to drop_tokens are {tuple(self.valid.shape)}: build them from the inputs "
@@ -276,7 +276,7 @@ class TokenDropping:
 
     def _repack(self, hidden: torch.Tensor) -> torch.Tensor:
         """After a drop on the padded view: the kept tokens packed again, and the arguments later layers get."""
-        layout = self.layout = PackedLayout.from_mask(self.valid)
+        layout = self.layout = PackedLayout.from_mask(self.valid, self.layout.multiple)
         self.packed_kwargs = {
             "attention_mask": None,
             "position_embeddings": tuple(layout.pack(t)[None] for t in self.position_embeddings),

@@ -174,3 +174,29 @@ def markdown_cells(text: str) -> dict[str, dict[str, str]]:
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         rows[cells[0]] = dict(zip(header[1:], cells[1:]))
     return rows
+
+
+# ---- the LLM-side methods' workload (test_baselines_llm, test_schedules) -------------------------------------------
+DEEP_LAYERS = 6
+MIXED_SIZES = [(120, 90), (64, 160), (112, 112), (200, 50)]
+MIXED_QUESTIONS = ["Is there a dog?", "What colour is the square in the middle of the picture?", "Count.", "Why?"]
+
+
+def write_deep_llava(folder: Path) -> Path:
+    """A tiny LLaVA-1.5 with DEEP_LAYERS decoder layers and grouped-query attention (two query heads per KV head)."""
+    from llava.testing.tiny_llava import TinySpec, write_tiny_llava
+
+    return write_tiny_llava(folder / "llava-v1.5-tiny-deep", TinySpec(layers=DEEP_LAYERS, kv_heads=2), seed=3)
+
+
+def load_on_cpu(checkpoint: Path) -> tuple[Any, Any, Any]:
+    """(tokenizer, model, image processor) of a local checkpoint, on the CPU."""
+    from llava.model.builder import load_pretrained_model
+
+    tokenizer, model, processor, _ = load_pretrained_model(str(checkpoint), None, None, device="cpu")
+    return tokenizer, model, processor
+
+
+def mixed_images() -> list[Image.Image]:
+    """One random image per MIXED_SIZES entry."""
+    return [random_image(i, size) for i, size in enumerate(MIXED_SIZES)]

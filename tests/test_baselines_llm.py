@@ -25,31 +25,28 @@ from llava.inference import build_prompt, generate_answers
 from llava.lmms.options import parse_model_args
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
-from llava.testing.tiny_llava import TinySpec, write_tiny_llava, write_tiny_llava_next
+from llava.testing.tiny_llava import TinySpec, write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError, registry
-from tests.conftest import random_image
+from tests.helpers import DEEP_LAYERS, MIXED_QUESTIONS, MIXED_SIZES, load_on_cpu, mixed_images, write_deep_llava
 
-LAYERS = 6
+LAYERS = DEEP_LAYERS
 NEW_TOKENS = 4
-SIZES = [(120, 90), (64, 160), (112, 112), (200, 50)]
-QUESTIONS = ["Is there a dog?", "What colour is the square in the middle of the picture?", "Count.", "Why?"]
+SIZES, QUESTIONS = MIXED_SIZES, MIXED_QUESTIONS
 
 
 @pytest.fixture(scope="module")
 def deep_ckpt(tmp_path_factory) -> Path:
-    spec = TinySpec(layers=LAYERS, kv_heads=2)  # grouped-query attention: two query heads per KV head
-    return write_tiny_llava(tmp_path_factory.mktemp("llm_baselines") / "llava-v1.5-tiny-deep", spec, seed=3)
+    return write_deep_llava(tmp_path_factory.mktemp("llm_baselines"))
 
 
 @pytest.fixture(scope="module")
 def deep(deep_ckpt):
-    tokenizer, model, processor, _ = load_pretrained_model(str(deep_ckpt), None, None, device="cpu")
-    return tokenizer, model, processor
+    return load_on_cpu(deep_ckpt)
 
 
 @pytest.fixture(scope="module")
 def images():
-    return [random_image(i, size) for i, size in enumerate(SIZES)]
+    return mixed_images()
 
 
 # ---- the reference: one sample, the decoder by hand, the official selection rules ---------------------------------

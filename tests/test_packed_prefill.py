@@ -26,7 +26,7 @@ from llava.eval import model_vqa_loader
 from llava.inference import build_prompt, generate_answers, length_groups
 from llava.model.builder import load_pretrained_model
 from llava.testing.tiny_llava import TinySpec, write_tiny_llava, write_tiny_llava_next
-from pruning.packing import PackedLayout, packed_sdpa, unsupported_reason
+from pruning.packing import PACK_MULTIPLE, PackedLayout, packed_sdpa, unsupported_reason
 from tests.helpers import random_image, write_jsonl
 
 QUESTIONS = [
@@ -107,7 +107,8 @@ def assert_packed_equals_singles(bundle, images, config, max_new_tokens=4) -> No
         )
     prompt_lengths = [a.token_stats["prompt"] for a in packed]
     assert len(set(prompt_lengths)) > 1, "the samples must differ in length for packing to matter"
-    assert spy.shapes[0] == (1, sum(prompt_lengths)), "the prefill did not run packed"
+    width = -(-sum(prompt_lengths) // PACK_MULTIPLE) * PACK_MULTIPLE  # the real tokens and the filler
+    assert spy.shapes[0] == (1, width), "the prefill did not run packed"
     padded = generate_answers(
         model,
         tokenizer,
@@ -143,6 +144,30 @@ def test_layout_packs_real_tokens_in_row_major_order() -> None:
     assert block[6].tolist() == [False] * 6 + [True]  # the one-token sample sees itself only
     with pytest.raises(ValueError, match="at least one real token"):
         PackedLayout.from_mask(torch.tensor([[1, 1], [0, 0]]))
+
+
+def test_the_filler_rounds_the_row_up_and_stays_out_of_every_sample() -> None:
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    layout = PackedLayout.from_mask(mask, multiple=4)
+    assert (layout.total, layout.fill, layout.width, layout.max_seqlen) == (7, 1, 8, 4)
+    assert layout.position_ids().tolist() == [[0, 1, 0, 1, 2, 3, 0, 0]]  # the filler: its own positions
+    assert layout.attention_kwargs()["cu_seq_lens_q"].tolist() == [0, 2, 6, 7, 8]  # the filler: one more sequence
+    assert layout.segments() == [(0, 2), (2, 6), (6, 7)]  # the samples only
+    padded = torch.arange(12.0).view(3, 4)
+    assert layout.pack(padded).tolist() == [2, 3, 4, 5, 6, 7, 11, 0]
+    assert torch.equal(layout.unpack(layout.pack(padded)), padded * mask)
+    assert PackedLayout.from_mask(mask, multiple=7).fill == 0 and PackedLayout.from_mask(mask).width == 7
+    with pytest.raises(ValueError, match="cannot hold 9"):
+        layout.unpack(torch.zeros(9))
+    # the samples' attention outputs are those of the layout without a filler
+    plain = PackedLayout.from_mask(mask)
+    query, key, value = random_qkv([*layout.lengths, layout.fill])
+    module, scale = FakeAttention(groups=2), 8**-0.5
+    filled, _ = packed_sdpa(module, query, key, value, None, scaling=scale, **layout.attention_kwargs())
+    alone, _ = packed_sdpa(
+        module, *(t[:, :, :7] for t in (query, key, value)), None, scaling=scale, **plain.attention_kwargs()
+    )
+    assert filled.shape == (1, 8, 4, 8) and torch.equal(filled[:, :7], alone)
 
 
 class FakeAttention(torch.nn.Module):
@@ -281,7 +306,8 @@ def test_internvl2_packed_batch_equals_single_runs(tmp_path) -> None:
         batched = generate_answers(model, tokenizer, processor, prompts, pictures, max_new_tokens=5, pruning=BOTH)
     finally:
         handle.remove()
-    assert calls[0] == (1, sum(a.token_stats["prompt"] for a in batched))
+    real = sum(a.token_stats["prompt"] for a in batched)
+    assert calls[0] == (1, -(-real // PACK_MULTIPLE) * PACK_MULTIPLE)
     singles = [
         generate_answers(model, tokenizer, processor, [p], [i], max_new_tokens=5, pruning=BOTH)[0]
         for p, i in zip(prompts, pictures)
@@ -306,7 +332,9 @@ def test_transformers_flash_attention_path_with_the_reference_kernel(llava15, im
         packed = generate_answers(model, tokenizer, processor, prompts, images, pruning=config, max_new_tokens=5)
         lengths = [a.token_stats["prompt"] for a in packed]
         prefill = VARLEN_CALLS[0]
-        assert prefill["cu_seqlens_q"].tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        width = -(-ends[-1] // PACK_MULTIPLE) * PACK_MULTIPLE  # the filler is one more sequence
+        assert prefill["cu_seqlens_q"].tolist() == [0, *ends] + ([width] if width > ends[-1] else [])
         assert prefill["max_seqlen_q"] == max(lengths) and prefill["causal"]
         singles = [
             generate_answers(model, tokenizer, processor, [p], [i], pruning=config, max_new_tokens=5)[0]

@@ -34,35 +34,37 @@ from eval.tools.psigmoid import optimise, p_sigmoid
 from llava.eval import model_vqa_loader
 from llava.inference import build_prompt, generate_answers
 from llava.mm_utils import process_images, tokenizer_image_token
-from llava.model.builder import load_pretrained_model
-from llava.testing.tiny_llava import TinySpec, write_tiny_llava
 from pruning import PruningConfig, PruningConfigError, registry
 from pruning.llm_methods.schedule import Schedule, ScheduleDropper, read_schedule, write_schedule
-from tests.conftest import random_image
-from tests.helpers import pope_fixture
+from tests.helpers import (
+    DEEP_LAYERS,
+    MIXED_QUESTIONS,
+    MIXED_SIZES,
+    load_on_cpu,
+    mixed_images,
+    pope_fixture,
+    write_deep_llava,
+)
 
-LAYERS = 6
+LAYERS = DEEP_LAYERS
 VISUAL = 64  # the tiny tower's patches
 NEW_TOKENS = 4
-SIZES = [(120, 90), (64, 160), (112, 112), (200, 50)]
-QUESTIONS = ["Is there a dog?", "What colour is the square in the middle of the picture?", "Count.", "Why?"]
+SIZES, QUESTIONS = MIXED_SIZES, MIXED_QUESTIONS
 
 
 @pytest.fixture(scope="module")
 def deep_ckpt(tmp_path_factory) -> Path:
-    spec = TinySpec(layers=LAYERS, kv_heads=2)  # grouped-query attention: two query heads per KV head
-    return write_tiny_llava(tmp_path_factory.mktemp("schedules") / "llava-v1.5-tiny-deep", spec, seed=3)
+    return write_deep_llava(tmp_path_factory.mktemp("schedules"))
 
 
 @pytest.fixture(scope="module")
 def deep(deep_ckpt):
-    tokenizer, model, processor, _ = load_pretrained_model(str(deep_ckpt), None, None, device="cpu")
-    return tokenizer, model, processor
+    return load_on_cpu(deep_ckpt)
 
 
 @pytest.fixture(scope="module")
 def images():
-    return [random_image(i, size) for i, size in enumerate(SIZES)]
+    return mixed_images()
 
 
 def schedule_file(tmp_path: Path, keep: list, unit: str = "fraction", name: str = "schedule.json") -> str:

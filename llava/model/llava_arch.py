@@ -211,10 +211,14 @@ class LlavaMetaForCausalLM:
         """[num_images, 3, H, W] -> projected, per-image kept features (``texts``: the question per image)."""
         projector = self.get_model().mm_projector
         out = self.get_vision_tower().select(images, pruning or self.pruning_config, projector, texts)
-        projected = projector(out.features)
         kept = out.kept.tolist()
+        if min(kept) == out.features.shape[1]:
+            features = list(projector(out.features).unbind(0))
+        else:  # per-image counts: project the kept rows only (the projector acts on each token alone)
+            valid = torch.arange(out.features.shape[1], device=out.kept.device)[None] < out.kept[:, None]
+            features = list(projector(out.features[valid]).split(kept))
         return ImageFeatures(
-            features=[projected[i, : kept[i]] for i in range(len(kept))],
+            features=features,
             n=out.n.tolist(),
             kept=kept,
             inflection=out.inflection.tolist() if out.inflection is not None else [None] * len(kept),
