@@ -10,7 +10,7 @@ filled. ``packed_prefill=False`` (or ``"packed_prefill": false`` in the checkpoi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +101,82 @@ def use_packed_prefill(
     return reason is None
 
 
+def generate_with_methods(
+    generate: Callable[..., Any],
+    model: torch.nn.Module,
+    decoder: torch.nn.Module,
+    merged,
+    pruning: PruningConfig,
+    return_stats: bool,
+    packed_prefill: bool | None,
+    kwargs: dict[str, Any],
+    config=None,
+):
+    """The language-model half of every family's multimodal ``generate``: the ``--kv-pruning`` policy's cache, the
+    ``--llm-pruning`` dropper's hooks on ``decoder``'s layers and the packed prefill around
+    ``generate(inputs_embeds=..., attention_mask=..., **kwargs)``, then per-sample token statistics.
+
+    ``model`` owns the generation config and the attention the KV policy prepares; ``decoder`` holds ``layers``,
+    ``norm`` and ``rotary_emb`` (e.g. ``LlamaModel``); ``merged`` is left-padded ``MergedInputs``; ``config`` (default
+    ``model.config``) holds the checkpoint's ``packed_prefill`` setting."""
+    generation_config = model.generation_config
+    repeats = generation_setting(kwargs, generation_config, "num_return_sequences", 1)
+    rows_mask = merged.attention_mask.repeat_interleave(repeats, dim=0)
+    policy = dropper = None
+    if pruning.kv_enabled:
+        policy = pruning.method("kv_pruning").implementation(pruning)
+        num_beams = generation_setting(kwargs, generation_config, "num_beams", 1)
+        if num_beams > 1 and not policy.supports_beam_search:
+            source = "num_beams" if kwargs.get("num_beams") is not None else "generation_config.num_beams"
+            raise ValueError(
+                f"beam search is not supported with KV eviction (--kv-pruning {pruning.kv_pruning}): {source} is "
+                f"{num_beams}; use num_beams=1"
+            )
+        if "past_key_values" in kwargs:
+            raise ValueError(
+                f"--kv-pruning {pruning.kv_pruning} builds its own cache; do not pass past_key_values with it"
+            )
+        policy.prepare(model)
+        kwargs["past_key_values"] = policy.make_cache(rows_mask)
+    if pruning.llm_enabled:  # with a KV policy too: each shortened layer's cache learns its own prompt
+        dropper = pruning.method("llm_pruning").implementation(pruning)
+    dropping = (
+        drop_tokens(
+            decoder.layers,
+            dropper,
+            rows_mask,
+            merged.visual_mask.repeat_interleave(repeats, dim=0),
+            norm=decoder.norm,
+            rotary_emb=decoder.rotary_emb,
+        )
+        if dropper is not None
+        else nullcontext()
+    )
+    packing = (
+        packed_prefill_hooks(decoder)
+        if use_packed_prefill(packed_prefill, config or model.config, decoder, rows_mask, kwargs)
+        else nullcontext()
+    )
+    with dropping as dropped, packing:
+        out = generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
+    if not return_stats:
+        return out
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    lengths = generated_lengths(sequences, kwargs.get("eos_token_id", generation_config.eos_token_id))
+    budgets = policy.budgets(kwargs["past_key_values"]) if policy is not None else [None] * len(lengths)
+    per_layer = dropped.visual_per_layer() if dropper is not None else None
+    per_sample = len(lengths) // len(merged.token_stats)  # num_return_sequences rows per sample
+    stats = []
+    for row, length in enumerate(lengths):
+        sample = dict(merged.token_stats[row // per_sample])
+        sample["generated"] = length
+        sample["kv_final"] = final_kv_length(sample["prompt"], length, budgets[row])
+        if per_layer is not None:
+            sample["visual_per_layer"] = per_layer[row]
+        stats.append(sample)
+    return LlavaGenerateOutput(sequences=sequences, token_stats=stats, raw=out)
+
+
 class LlavaGenerationMixin:
     @torch.no_grad()
     def generate(
@@ -167,59 +243,6 @@ class LlavaGenerationMixin:
         """``generate`` from inputs already merged (``merge_multimodal(..., "left", pruning)``, or a
         ``MergedInputs.select`` of them): the language-model half, for callers that encode a window of requests
         first and batch them by length (``llava.inference.generate_answers(group_size=...)``)."""
-        repeats = generation_setting(kwargs, self.generation_config, "num_return_sequences", 1)
-        rows_mask = merged.attention_mask.repeat_interleave(repeats, dim=0)
-        policy = dropper = None
-        if pruning.kv_enabled:
-            policy = pruning.method("kv_pruning").implementation(pruning)
-            num_beams = generation_setting(kwargs, self.generation_config, "num_beams", 1)
-            if num_beams > 1 and not policy.supports_beam_search:
-                source = "num_beams" if kwargs.get("num_beams") is not None else "generation_config.num_beams"
-                raise ValueError(
-                    f"beam search is not supported with KV eviction (--kv-pruning {pruning.kv_pruning}): {source} is "
-                    f"{num_beams}; use num_beams=1"
-                )
-            if "past_key_values" in kwargs:
-                raise ValueError(
-                    f"--kv-pruning {pruning.kv_pruning} builds its own cache; do not pass past_key_values with it"
-                )
-            policy.prepare(self)
-            kwargs["past_key_values"] = policy.make_cache(rows_mask)
-        if pruning.llm_enabled:  # with a KV policy too: each shortened layer's cache learns its own prompt
-            dropper = pruning.method("llm_pruning").implementation(pruning)
-        dropping = (
-            drop_tokens(
-                self.get_model().layers,
-                dropper,
-                rows_mask,
-                merged.visual_mask.repeat_interleave(repeats, dim=0),
-                norm=self.get_model().norm,
-                rotary_emb=self.get_model().rotary_emb,
-            )
-            if dropper is not None
-            else nullcontext()
+        return generate_with_methods(
+            super().generate, self, self.get_model(), merged, pruning, return_stats, packed_prefill, kwargs
         )
-        packing = (
-            packed_prefill_hooks(self.get_model())
-            if use_packed_prefill(packed_prefill, self.config, self.get_model(), rows_mask, kwargs)
-            else nullcontext()
-        )
-        with dropping as dropped, packing:
-            out = super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
-        if not return_stats:
-            return out
-        sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
-        lengths = generated_lengths(sequences, eos)
-        stats = []
-        budgets = policy.budgets(kwargs["past_key_values"]) if policy is not None else [None] * len(lengths)
-        per_layer = dropped.visual_per_layer() if dropper is not None else None
-        per_sample = len(lengths) // len(merged.token_stats)  # num_return_sequences rows per sample
-        for row, length in enumerate(lengths):
-            sample = dict(merged.token_stats[row // per_sample])
-            sample["generated"] = length
-            sample["kv_final"] = final_kv_length(sample["prompt"], length, budgets[row])
-            if per_layer is not None:
-                sample["visual_per_layer"] = per_layer[row]
-            stats.append(sample)
-        return LlavaGenerateOutput(sequences=sequences, token_stats=stats, raw=out)

@@ -13,7 +13,6 @@ each such block is read as the image's placeholder.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,19 +21,12 @@ from torch import nn
 from transformers import PreTrainedModel, Qwen2ForCausalLM
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava.model.generation import (
-    LlavaGenerateOutput,
-    final_kv_length,
-    generated_lengths,
-    generation_setting,
-    use_packed_prefill,
-)
+from llava.model.generation import generate_with_methods
 from llava.model.internvl.configuration_internvl_chat import InternVLChatConfig
 from llava.model.internvl.modeling_intern_vit import InternVisionEmbeddings, InternVisionEncoderLayer, InternVisionModel
 from llava.model.internvl.vision import select_tile_tokens
 from llava.model.llava_arch import ImageFeatures, LlavaCausalLMOutput, MultimodalInputError
-from pruning import PruningConfig, drop_tokens
-from pruning.packing import packed_prefill as packed_prefill_hooks
+from pruning import PruningConfig
 
 
 @dataclass
@@ -340,62 +332,17 @@ class InternVLChatModel(PreTrainedModel):
     ):
         """``generate`` from inputs already merged (``merge_for_generation``, or a ``select`` of them)."""
         language_model = self.language_model
-        generation_config = language_model.generation_config
-        repeats = generation_setting(kwargs, generation_config, "num_return_sequences", 1)
-        rows_mask = merged.attention_mask.repeat_interleave(repeats, dim=0)
-        policy = dropper = None
-        if pruning.kv_enabled:  # stage 2 (or another registered KV-cache policy)
-            policy = pruning.method("kv_pruning").implementation(pruning)
-            num_beams = generation_setting(kwargs, generation_config, "num_beams", 1)
-            if num_beams > 1 and not policy.supports_beam_search:
-                raise ValueError(
-                    f"beam search is not supported with --kv-pruning {pruning.kv_pruning}: num_beams is {num_beams}; "
-                    "use num_beams=1"
-                )
-            if "past_key_values" in kwargs:
-                raise ValueError(f"--kv-pruning {pruning.kv_pruning} builds its own cache; do not pass past_key_values")
-            policy.prepare(language_model)
-            kwargs["past_key_values"] = policy.make_cache(rows_mask)
-        if pruning.llm_enabled:  # token dropping between decoder layers (FastV-style methods), with stage 2 or not
-            dropper = pruning.method("llm_pruning").implementation(pruning)
-        dropping = (
-            drop_tokens(
-                language_model.model.layers,
-                dropper,
-                rows_mask,
-                merged.visual_mask.repeat_interleave(repeats, dim=0),
-                norm=language_model.model.norm,
-                rotary_emb=language_model.model.rotary_emb,
-            )
-            if dropper is not None
-            else nullcontext()
+        return generate_with_methods(
+            language_model.generate,
+            language_model,
+            language_model.model,
+            merged,
+            pruning,
+            return_stats,
+            packed_prefill,
+            kwargs,
+            config=self.config,
         )
-        decoder = language_model.model
-        packing = (
-            packed_prefill_hooks(decoder)
-            if use_packed_prefill(packed_prefill, self.config, decoder, rows_mask, kwargs)
-            else nullcontext()
-        )
-        with dropping as dropped, packing:
-            out = language_model.generate(
-                inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs
-            )
-        if not return_stats:
-            return out
-        sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        lengths = generated_lengths(sequences, kwargs.get("eos_token_id", generation_config.eos_token_id))
-        budgets = policy.budgets(kwargs["past_key_values"]) if policy is not None else [None] * len(lengths)
-        per_layer = dropped.visual_per_layer() if dropper is not None else None
-        per_sample = len(lengths) // len(merged.token_stats)
-        stats = []
-        for row, length in enumerate(lengths):
-            sample = dict(merged.token_stats[row // per_sample])
-            sample["generated"] = length
-            sample["kv_final"] = final_kv_length(sample["prompt"], length, budgets[row])
-            if per_layer is not None:
-                sample["visual_per_layer"] = per_layer[row]
-            stats.append(sample)
-        return LlavaGenerateOutput(sequences=sequences, token_stats=stats, raw=out)
 
 
 def _pad(
