@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
+from eval.tools.speed import StepClock, device_sync
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.inference import build_prompt, image_questions, left_pad, pad_token_id
 from llava.mm_utils import process_images, tokenizer_image_token
@@ -62,22 +63,12 @@ def build_inputs(
     )
 
 
-class _Stamps(LogitsProcessor):
-    def __init__(self, clock: Callable[[], float], sync: Callable[[], None]):
-        self.clock, self.sync, self.marks = clock, sync, []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.sync()
-        self.marks.append(self.clock())
-        return scores
-
-
 def time_call(
     model, inputs: Inputs, config: PruningConfig, new_tokens: int, clock: Callable[[], float]
 ) -> tuple[float, float]:
     """(prefill seconds, decode seconds per token) of one generate call."""
-    sync = (lambda: torch.cuda.synchronize(model.device)) if model.device.type == "cuda" else (lambda: None)
-    stamps = _Stamps(clock, sync)
+    sync = device_sync(model.device)
+    stamps = StepClock(sync, clock)
     sync()
     start = clock()
     model.generate(

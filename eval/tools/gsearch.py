@@ -347,6 +347,17 @@ def provenance(args: argparse.Namespace, calibration: Calibration, base: Pruning
     }
 
 
+def run_search(search: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """A schedule command's body: a bad file or setting ends with one ``error:`` line (``PruningConfigError`` is left
+    to ``run_entry_point``)."""
+    try:
+        return search(args)
+    except (ValueError, OSError) as err:  # RunnerInputError included
+        if isinstance(err, PruningConfigError):
+            raise
+        raise SystemExit(f"error: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Search and write the schedule; bad input ends with one ``error:`` line (status 2)."""
     return run_entry_point(_main, argv)
@@ -365,12 +376,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     )
     parser.add_argument("--step", type=float, default=0.05, help="grid of fractions searched per layer")
     args = parser.parse_args(argv)
-    try:
-        return search(args)
-    except (ValueError, OSError) as err:  # RunnerInputError included; PruningConfigError is run_entry_point's
-        if isinstance(err, PruningConfigError):
-            raise
-        raise SystemExit(f"error: {err}") from None
+    return run_search(search, args)
 
 
 def search(args: argparse.Namespace) -> dict[str, Any]:

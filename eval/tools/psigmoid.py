@@ -39,10 +39,10 @@ from eval.tools.gsearch import (
     mean_visual_tokens,
     open_calibration,
     provenance,
+    run_search,
     schedule_config,
 )
 from llava.utils import run_entry_point
-from pruning import PruningConfigError
 from pruning.llm_methods.schedule import Schedule, write_schedule
 
 STEEPNESS = (2.0, 60.0)  # per unit of depth: from a gentle slope to a step between two layers of a 32-layer model
@@ -189,12 +189,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="the optimiser's seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        return search(args)
-    except (ValueError, OSError) as err:  # RunnerInputError included; PruningConfigError is run_entry_point's
-        if isinstance(err, PruningConfigError):
-            raise
-        raise SystemExit(f"error: {err}") from None
+    return run_search(search, args)
 
 
 def search(args: argparse.Namespace) -> dict[str, Any]:

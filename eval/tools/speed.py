@@ -94,7 +94,7 @@ PAPER_TEXT_TOKENS = 60
 # ---- timing one generate call ---------------------------------------------------------------------------------
 
 
-class _StepClock(LogitsProcessor):
+class StepClock(LogitsProcessor):
     """Called once per generated token, right after the forward that produced its logits: a timestamp each."""
 
     def __init__(self, sync: Callable[[], None], clock: Callable[[], float]):
@@ -160,7 +160,7 @@ class MemoryMeter:
             self.extra = self.peak - self._base
 
 
-def _syncer(device: torch.device) -> Callable[[], None]:
+def device_sync(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
@@ -183,8 +183,8 @@ def run_once(
     counts our work and not the time slices they take (with one thread: otherwise idle threads spinning count too).
     ``packed``: the prefill runs packed where the samples differ in length, else on the left-padded batch.
     """
-    sync = _syncer(model.device)
-    steps = _StepClock(sync, clock)
+    sync = device_sync(model.device)
+    steps = StepClock(sync, clock)
     llm_starts: list[float] = []
 
     def mark_llm_start(module, args) -> None:
@@ -477,7 +477,7 @@ def run_queue(
     Grouped: the images of the whole queue go through the tower first (``merge_for_generation``), then the language
     model answers the requests ``batch`` at a time, shortest prompts first, as ``generate_answers(group_size=)``.
     """
-    sync = _syncer(model.device)
+    sync = device_sync(model.device)
     sync()
     start = clock()
     positions = 0
