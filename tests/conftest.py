@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import random_image
+from tests.helpers import load_on_cpu, mixed_images, write_deep_llava
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -39,4 +39,16 @@ def tiny_model(tiny_ckpt):
 
 @pytest.fixture
 def images() -> list[Image.Image]:
-    return [random_image(i, size) for i, size in enumerate([(120, 90), (64, 160), (112, 112), (200, 50)])]
+    return mixed_images()
+
+
+@pytest.fixture(scope="module")
+def deep_ckpt(tmp_path_factory) -> Path:
+    """tests.helpers.write_deep_llava's checkpoint: 6 decoder layers, grouped-query attention (LLM-side methods)."""
+    return write_deep_llava(tmp_path_factory.mktemp("deep"))
+
+
+@pytest.fixture(scope="module")
+def deep(deep_ckpt):
+    """(tokenizer, model, image processor) of ``deep_ckpt``."""
+    return load_on_cpu(deep_ckpt)

@@ -27,26 +27,11 @@ from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.testing.tiny_llava import TinySpec, write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError, registry
-from tests.helpers import DEEP_LAYERS, MIXED_QUESTIONS, MIXED_SIZES, load_on_cpu, mixed_images, write_deep_llava
+from tests.helpers import DEEP_LAYERS, MIXED_QUESTIONS, MIXED_SIZES
 
 LAYERS = DEEP_LAYERS
 NEW_TOKENS = 4
 SIZES, QUESTIONS = MIXED_SIZES, MIXED_QUESTIONS
-
-
-@pytest.fixture(scope="module")
-def deep_ckpt(tmp_path_factory) -> Path:
-    return write_deep_llava(tmp_path_factory.mktemp("llm_baselines"))
-
-
-@pytest.fixture(scope="module")
-def deep(deep_ckpt):
-    return load_on_cpu(deep_ckpt)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return mixed_images()
 
 
 # ---- the reference: one sample, the decoder by hand, the official selection rules ---------------------------------

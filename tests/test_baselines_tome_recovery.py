@@ -28,7 +28,7 @@ from llava.testing.tiny_llava import write_tiny_llava, write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError, add_pruning_args, pruning_overrides, select_visual_tokens
 from pruning.baselines.recovery import local_outlier_factor
 from pruning.baselines.tome import merge_schedule
-from tests.conftest import random_image
+from tests.helpers import random_image
 
 PEAK = 1.5  # q/k weights scaled up: CLS rows from nearly flat to a few dominant patches
 SIZES = [(120, 90), (64, 160), (112, 112), (200, 50)]

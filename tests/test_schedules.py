@@ -40,31 +40,13 @@ from tests.helpers import (
     DEEP_LAYERS,
     MIXED_QUESTIONS,
     MIXED_SIZES,
-    load_on_cpu,
-    mixed_images,
     pope_fixture,
-    write_deep_llava,
 )
 
 LAYERS = DEEP_LAYERS
 VISUAL = 64  # the tiny tower's patches
 NEW_TOKENS = 4
 SIZES, QUESTIONS = MIXED_SIZES, MIXED_QUESTIONS
-
-
-@pytest.fixture(scope="module")
-def deep_ckpt(tmp_path_factory) -> Path:
-    return write_deep_llava(tmp_path_factory.mktemp("schedules"))
-
-
-@pytest.fixture(scope="module")
-def deep(deep_ckpt):
-    return load_on_cpu(deep_ckpt)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return mixed_images()
 
 
 def schedule_file(tmp_path: Path, keep: list, unit: str = "fraction", name: str = "schedule.json") -> str:

@@ -48,20 +48,21 @@ class Geometry:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# openai/clip-vit-large-patch14-336, the tower of every LLaVA-1.5
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")  # fmt: skip
 GEOMETRIES: dict[str, Geometry] = {
     # openai/clip-vit-large-patch14-336 + lmsys/vicuna-7b-v1.5, as liuhaotian/llava-v1.5-7b combines them
     "llava-v1.5-7b": Geometry(
         name="llava-v1.5-7b",
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+        vision=CLIP_L_336,
         llm=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
     ),
     # the same tower with lmsys/vicuna-13b-v1.5
     "llava-v1.5-13b": Geometry(
         name="llava-v1.5-13b",
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+        vision=CLIP_L_336,
         llm=dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                  num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
     ),
