@@ -39,8 +39,9 @@ from pruning.kv_cache import KVEvictionCache
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_model(layers: int, vocab: int, max_positions: int, dtype: str = "float32") -> LlamaForCausalLM:
-    config = LlamaConfig(
+def vicuna_7b_config(layers: int, vocab: int, max_positions: int) -> LlamaConfig:
+    """Vicuna-7B's decoder shape (lmsys/vicuna-7b-v1.5) at another depth and vocabulary, SDPA attention."""
+    return LlamaConfig(
         hidden_size=4096,
         num_attention_heads=32,
         num_key_value_heads=32,
@@ -48,10 +49,15 @@ def build_model(layers: int, vocab: int, max_positions: int, dtype: str = "float
         num_hidden_layers=layers,
         vocab_size=vocab,
         max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
         attn_implementation="sdpa",
     )
+
+
+def build_model(layers: int, vocab: int, max_positions: int, dtype: str = "float32") -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return enable_kv_eviction(LlamaForCausalLM(config).to(DTYPES[dtype]).eval())
+    model = LlamaForCausalLM(vicuna_7b_config(layers, vocab, max_positions))
+    return enable_kv_eviction(model.to(DTYPES[dtype]).eval())
 
 
 def cache_bytes(cache: DynamicCache | KVEvictionCache) -> int:

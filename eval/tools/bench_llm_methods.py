@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
+from eval.tools.bench_kv import vicuna_7b_config
 from pruning import LayerDropper, LayerView, PruningConfig, drop_tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,17 +32,7 @@ SYSTEM, VISUAL = 35, 576
 
 
 def build_decoder(layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        hidden_size=4096,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        intermediate_size=11008,
-        num_hidden_layers=layers,
-        vocab_size=1024,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        attn_implementation="sdpa",
-    )
+    config = vicuna_7b_config(layers, vocab=1024, max_positions=4096)
     torch.manual_seed(0)
     with torch.device(device):
         return LlamaForCausalLM(config).to(dtype).eval()
