@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import load_on_cpu, mixed_images, write_deep_llava
+pytest.register_assert_rewrite("tests.helpers")  # its shared assertions report their values, as the tests' do
+
+from tests.helpers import load_on_cpu, mixed_images, write_deep_llava  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

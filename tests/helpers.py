@@ -200,3 +200,19 @@ def load_on_cpu(checkpoint: Path) -> tuple[Any, Any, Any]:
 def mixed_images() -> list[Image.Image]:
     """One random image per MIXED_SIZES entry."""
     return [random_image(i, size) for i, size in enumerate(MIXED_SIZES)]
+
+
+def batched_answers_equal_singles(model, tokenizer, processor, prompts, images, pruning, max_new_tokens: int) -> list:
+    """The batch's greedy answers, after asserting that their texts and token statistics equal one run per sample."""
+    from llava.inference import generate_answers
+
+    batched = generate_answers(
+        model, tokenizer, processor, prompts, images, max_new_tokens=max_new_tokens, pruning=pruning
+    )
+    single = [
+        generate_answers(model, tokenizer, processor, [p], [im], max_new_tokens=max_new_tokens, pruning=pruning)[0]
+        for p, im in zip(prompts, images)
+    ]
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert [a.token_stats for a in batched] == [a.token_stats for a in single]
+    return batched

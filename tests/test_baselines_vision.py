@@ -21,13 +21,13 @@ from transformers import CLIPModel
 
 from eval.common import INPUT_ERROR_STATUS
 from llava.eval import model_vqa_loader
-from llava.inference import build_prompt, generate_answers
+from llava.inference import build_prompt
 from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
 from llava.testing.tiny_llava import write_tiny_llava, write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError, add_pruning_args, pruning_overrides, select_visual_tokens
 from pruning.baselines.pool import pool_grid
-from tests.helpers import random_image
+from tests.helpers import batched_answers_equal_singles, random_image
 
 PEAK = 1.5  # q/k weights scaled up: CLS rows from nearly flat to a few dominant patches (max / min > 50)
 SIZES = [(120, 90), (64, 160), (112, 112), (200, 50)]
@@ -308,13 +308,7 @@ def test_a_batch_of_four_equals_four_single_runs(peaked, images, name) -> None:
     tokenizer, model, processor = peaked
     pruning = PruningConfig(**CONFIGS[name])
     prompts = [build_prompt(q, "vicuna_v1", model_config=model.config) for q in QUESTIONS]
-    batched = generate_answers(model, tokenizer, processor, prompts, images, max_new_tokens=5, pruning=pruning)
-    single = [
-        generate_answers(model, tokenizer, processor, [p], [im], max_new_tokens=5, pruning=pruning)[0]
-        for p, im in zip(prompts, images)
-    ]
-    assert [a.text for a in batched] == [a.text for a in single]
-    assert [a.token_stats for a in batched] == [a.token_stats for a in single]
+    batched = batched_answers_equal_singles(model, tokenizer, processor, prompts, images, pruning, 5)
     assert all(a.token_stats["visual_before"] == N > a.token_stats["visual_after"] for a in batched)
 
 
@@ -451,13 +445,7 @@ def test_llava16_runs_each_crop_on_its_own_and_batches(next_model, name) -> None
     pruning = PruningConfig(**CONFIGS[name])
     images = [random_image(20 + i, size) for i, size in enumerate(NEXT_SIZES)]
     prompts = [build_prompt(q, "vicuna_v1", model_config=model.config) for q in QUESTIONS]
-    batched = generate_answers(model, tokenizer, processor, prompts, images, max_new_tokens=4, pruning=pruning)
-    single = [
-        generate_answers(model, tokenizer, processor, [p], [im], max_new_tokens=4, pruning=pruning)[0]
-        for p, im in zip(prompts, images)
-    ]
-    assert [a.text for a in batched] == [a.text for a in single]
-    assert [a.token_stats for a in batched] == [a.token_stats for a in single]
+    batched = batched_answers_equal_singles(model, tokenizer, processor, prompts, images, pruning, 4)
     tower = model.get_vision_tower()
     projector = model.get_model().mm_projector
     for answer, image in zip(batched, images):

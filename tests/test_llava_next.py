@@ -19,7 +19,7 @@ from llava.model.anyres import AnyresInputError, crop_candidates, crops_per_imag
 from llava.model.builder import load_pretrained_model
 from llava.testing.tiny_llava import write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError
-from tests.helpers import random_image
+from tests.helpers import batched_answers_equal_singles, random_image
 from tests.test_model_equivalence import copy_weights_into, expand_image_tokens
 
 CONV = {"vicuna": "vicuna_v1", "mistral": "mistral_instruct"}
@@ -304,13 +304,7 @@ def test_batched_equals_single_with_pruning(next_models, sized_images, llm, crop
         heavy_ratio=0.25,
         recent_ratio=0.25,
     )
-    batched = generate_answers(model, tokenizer, processor, prompts, images, max_new_tokens=5, pruning=pruning)
-    single = [
-        generate_answers(model, tokenizer, processor, [p], [im], max_new_tokens=5, pruning=pruning)[0]
-        for p, im in zip(prompts, images)
-    ]
-    assert [a.text for a in batched] == [a.text for a in single]
-    assert [a.token_stats for a in batched] == [a.token_stats for a in single]
+    batched = batched_answers_equal_singles(model, tokenizer, processor, prompts, images, pruning, 5)
     for answer, prompt in zip(batched, prompts):
         stats = answer.token_stats
         text = len(tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX)) - 1
