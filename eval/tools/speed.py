@@ -169,6 +169,11 @@ def device_sync(device: torch.device) -> Callable[[], None]:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def _fixed_length(new_tokens: int) -> dict[str, Any]:
+    """Greedy generation of exactly ``new_tokens`` tokens per sample."""
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0)
+
+
 def run_once(
     model,
     batch: PromptBatch,
@@ -204,14 +209,10 @@ def run_once(
                 image_sizes=batch.image_sizes,
                 pruning=pruning,
                 return_stats=True,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                num_beams=1,
                 use_cache=True,
-                pad_token_id=0,
                 logits_processor=LogitsProcessorList([steps]),
                 packed_prefill=packed,
+                **_fixed_length(new_tokens),
             )
             sync()
             end = clock()
@@ -456,10 +457,6 @@ QUEUE_MODES = {  # name -> (grouped, packed)
     "grouped by length, padded": (True, False),
     "grouped by length, packed": (True, True),
 }
-
-
-def _fixed_length(new_tokens: int) -> dict[str, Any]:
-    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0)
 
 
 def run_queue(
