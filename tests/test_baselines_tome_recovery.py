@@ -28,10 +28,9 @@ from llava.testing.tiny_llava import write_tiny_llava, write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError, add_pruning_args, pruning_overrides, select_visual_tokens
 from pruning.baselines.recovery import local_outlier_factor
 from pruning.baselines.tome import merge_schedule
-from tests.helpers import batched_answers_equal_singles, random_image
+from tests.helpers import batched_answers_equal_singles, load_on_cpu, mixed_images, random_image
 
 PEAK = 1.5  # q/k weights scaled up: CLS rows from nearly flat to a few dominant patches
-SIZES = [(120, 90), (64, 160), (112, 112), (200, 50)]
 QUESTIONS = ["Is there a dog?", "What colour is the square in the middle of the picture?", "Count.", "Why?"]
 N = 64  # the tiny tower: 112 px, patches of 14
 LAYERS = 3  # the tiny tower has 4 layers; LLaVA's select layer -2 is the output of the third
@@ -62,13 +61,12 @@ def clip_dir(ckpt) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    tokenizer, model, processor, _ = load_pretrained_model(str(ckpt), None, None, device="cpu")
-    return tokenizer, model, processor
+    return load_on_cpu(ckpt)
 
 
 @pytest.fixture(scope="module")
 def images():
-    return [random_image(i, size) for i, size in enumerate(SIZES)]
+    return mixed_images()
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,9 @@ from llava.model.builder import load_pretrained_model
 from llava.testing.tiny_llava import write_tiny_llava, write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError, add_pruning_args, pruning_overrides, select_visual_tokens
 from pruning.baselines.pool import pool_grid
-from tests.helpers import batched_answers_equal_singles, random_image
+from tests.helpers import batched_answers_equal_singles, load_on_cpu, mixed_images, random_image
 
 PEAK = 1.5  # q/k weights scaled up: CLS rows from nearly flat to a few dominant patches (max / min > 50)
-SIZES = [(120, 90), (64, 160), (112, 112), (200, 50)]
 QUESTIONS = ["Is there a dog?", "What colour is the square in the middle of the picture?", "Count.", "Why?"]
 N = 64  # the tiny tower: 112 px, patches of 14
 
@@ -55,13 +54,12 @@ def peaked_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def peaked(peaked_ckpt):
-    tokenizer, model, processor, _ = load_pretrained_model(str(peaked_ckpt), None, None, device="cpu")
-    return tokenizer, model, processor
+    return load_on_cpu(peaked_ckpt)
 
 
 @pytest.fixture(scope="module")
 def images():
-    return [random_image(i, size) for i, size in enumerate(SIZES)]
+    return mixed_images()
 
 
 @pytest.fixture(scope="module")
