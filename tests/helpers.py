@@ -216,3 +216,14 @@ def batched_answers_equal_singles(model, tokenizer, processor, prompts, images, 
     assert [a.text for a in batched] == [a.text for a in single]
     assert [a.token_stats for a in batched] == [a.token_stats for a in single]
     return batched
+
+
+def batch_inputs(model, tokenizer, processor, images, questions) -> tuple:
+    """(input ids, attention mask, pixels, image sizes) of one image per question, vicuna_v1 prompts, left-padded with
+    id 0 as the runners pad."""
+    from llava.inference import build_prompt, left_pad
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    prompts = [build_prompt(q, "vicuna_v1", model_config=model.config) for q in questions]
+    input_ids, mask = left_pad([tokenizer_image_token(p, tokenizer) for p in prompts], 0)
+    return input_ids, mask, process_images(images, processor, model.config), [image.size for image in images]

@@ -23,11 +23,10 @@ from eval.common import INPUT_ERROR_STATUS
 from llava.eval import model_vqa_loader
 from llava.inference import build_prompt, generate_answers
 from llava.lmms.options import parse_model_args
-from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.testing.tiny_llava import TinySpec, write_tiny_llava_next
 from pruning import PruningConfig, PruningConfigError, registry
-from tests.helpers import DEEP_LAYERS, MIXED_QUESTIONS, MIXED_SIZES
+from tests.helpers import DEEP_LAYERS, MIXED_QUESTIONS, MIXED_SIZES, batch_inputs
 
 LAYERS = DEEP_LAYERS
 NEW_TOKENS = 4
@@ -214,19 +213,6 @@ def recording(monkeypatch, name: str) -> dict[int, list[list[int]]]:
     return record
 
 
-def inputs(model, tokenizer, processor, images, questions):
-    prompts = [build_prompt(q, "vicuna_v1", model_config=model.config) for q in questions]
-    ids = [tokenizer_image_token(p, tokenizer) for p in prompts]
-    longest = max(len(i) for i in ids)
-    input_ids = torch.zeros(len(ids), longest, dtype=torch.long)
-    mask = torch.zeros(len(ids), longest, dtype=torch.long)
-    for row, tokens in enumerate(ids):
-        input_ids[row, longest - len(tokens) :] = torch.tensor(tokens)
-        mask[row, longest - len(tokens) :] = 1
-    pixels = process_images(images, processor, model.config)
-    return input_ids, mask, pixels, [image.size for image in images]
-
-
 REFERENCE_CASES = {
     "fastv": {"llm_pruning": "fastv"},  # the official defaults: K = 2, R = 50 %
     "fastv-tokens-k3": {"llm_pruning": "fastv", "fastv_k": 3, "llm_tokens": 9},
@@ -243,7 +229,7 @@ def test_each_method_equals_its_official_rule(deep, images, monkeypatch, case) -
     tokenizer, model, processor = deep
     config = PruningConfig(**REFERENCE_CASES[case])
     record = recording(monkeypatch, config.llm_pruning)
-    input_ids, mask, pixels, sizes = inputs(model, tokenizer, processor, images[:1], QUESTIONS[1:2])
+    input_ids, mask, pixels, sizes = batch_inputs(model, tokenizer, processor, images[:1], QUESTIONS[1:2])
     with torch.no_grad():
         merged = model.merge_multimodal(input_ids, mask, None, pixels, sizes, "left", config)
         out = model.generate(
@@ -352,7 +338,7 @@ def test_with_stage_2_each_layer_evicts_within_its_own_prompt(deep, images, name
         prompt = answer.token_stats["prompt"]
         assert answer.token_stats["kv_final"] == min(prompt + answer.token_stats["generated"], math.floor(0.4 * prompt))
 
-    input_ids, mask, pixels, sizes = inputs(model, tokenizer, processor, images[:2], QUESTIONS[:2])
+    input_ids, mask, pixels, sizes = batch_inputs(model, tokenizer, processor, images[:2], QUESTIONS[:2])
     with torch.no_grad():
         out = model.generate(
             input_ids, attention_mask=mask, images=pixels, image_sizes=sizes, pruning=config, do_sample=False,

@@ -33,13 +33,13 @@ from eval.tools.gsearch import (
 from eval.tools.psigmoid import optimise, p_sigmoid
 from llava.eval import model_vqa_loader
 from llava.inference import build_prompt, generate_answers
-from llava.mm_utils import process_images, tokenizer_image_token
 from pruning import PruningConfig, PruningConfigError, registry
 from pruning.llm_methods.schedule import Schedule, ScheduleDropper, read_schedule, write_schedule
 from tests.helpers import (
     DEEP_LAYERS,
     MIXED_QUESTIONS,
     MIXED_SIZES,
+    batch_inputs,
     pope_fixture,
 )
 
@@ -55,22 +55,9 @@ def schedule_file(tmp_path: Path, keep: list, unit: str = "fraction", name: str 
     return str(path)
 
 
-def inputs(model, tokenizer, processor, images, questions):
-    prompts = [build_prompt(q, "vicuna_v1", model_config=model.config) for q in questions]
-    ids = [tokenizer_image_token(p, tokenizer) for p in prompts]
-    longest = max(len(i) for i in ids)
-    input_ids = torch.zeros(len(ids), longest, dtype=torch.long)
-    mask = torch.zeros(len(ids), longest, dtype=torch.long)
-    for row, tokens in enumerate(ids):
-        input_ids[row, longest - len(tokens) :] = torch.tensor(tokens)
-        mask[row, longest - len(tokens) :] = 1
-    pixels = process_images(images, processor, model.config)
-    return input_ids, mask, pixels, [image.size for image in images]
-
-
 def generate(model, tokenizer, processor, images, questions, config):
     """(sequences, logits [rows, steps, vocab], token statistics) of greedy decoding with ``config``."""
-    input_ids, mask, pixels, sizes = inputs(model, tokenizer, processor, images, questions)
+    input_ids, mask, pixels, sizes = batch_inputs(model, tokenizer, processor, images, questions)
     with torch.no_grad():
         out = model.generate(
             input_ids, attention_mask=mask, images=pixels, image_sizes=sizes, pruning=config, do_sample=False,
@@ -190,7 +177,7 @@ def test_each_drop_keeps_the_tokens_the_previous_layer_attended_to_most(deep, im
     tokenizer, model, processor = deep
     config = PruningConfig(llm_pruning="schedule", schedule=schedule_file(tmp_path, keep))
     record = recording(monkeypatch)
-    input_ids, mask, pixels, sizes = inputs(model, tokenizer, processor, images[1:2], QUESTIONS[1:2])
+    input_ids, mask, pixels, sizes = batch_inputs(model, tokenizer, processor, images[1:2], QUESTIONS[1:2])
     with torch.no_grad():
         merged = model.merge_multimodal(input_ids, mask, None, pixels, sizes, "left", config)
         _, logits, stats = generate(model, tokenizer, processor, images[1:2], QUESTIONS[1:2], config)
