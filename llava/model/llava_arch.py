@@ -212,11 +212,9 @@ class LlavaMetaForCausalLM:
         projector = self.get_model().mm_projector
         out = self.get_vision_tower().select(images, pruning or self.pruning_config, projector, texts)
         kept = out.kept.tolist()
-        if min(kept) == out.features.shape[1]:
-            features = list(projector(out.features).unbind(0))
-        else:  # per-image counts: project the kept rows only (the projector acts on each token alone)
-            valid = torch.arange(out.features.shape[1], device=out.kept.device)[None] < out.kept[:, None]
-            features = list(projector(out.features[valid]).split(kept))
+        # the kept rows only, as anyres does (per-image counts pad out.features; the projector acts on each token alone)
+        valid = torch.arange(out.features.shape[1], device=out.kept.device)[None] < out.kept[:, None]
+        features = list(projector(out.features[valid]).split(kept))
         return ImageFeatures(
             features=features,
             n=out.n.tolist(),
