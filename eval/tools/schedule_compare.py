@@ -207,6 +207,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     ]
     tower = TowerCounts(model, processor, calibration, base)
     at = pdrop_layers(layers)
+    unpruned_ops = cost.unpruned(samples)
     for budget in args.budgets:
         r = closest(lambda r: cost.ratio(samples, fastv_counts(args.fastv_k, r, layers)), budget, 0, 1, grows=False)
         runs.append({"method": "FastV", "budget": budget, "config": base.merged(
@@ -219,7 +220,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
         def stage1_ratio(alpha: float) -> float:
             kept = tower.counts(stage1.merged(alpha=alpha))
             total = sum(cost.prefill([s.text + k] * layers) for s, k in zip(samples, kept))
-            return total / cost.unpruned(samples)
+            return total / unpruned_ops
 
         alpha = alpha_for_target(stage1_ratio, budget, decimals=4)
         runs.append({"method": "ours, stage 1", "budget": budget, "config": stage1.merged(alpha=alpha)})
