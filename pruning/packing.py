@@ -29,6 +29,7 @@ docs/speed.md, bf16: 1441 rows ran 10 % slower than 1440 or 1456), and a filler 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -170,17 +171,27 @@ def packed_sdpa(
         return sdpa(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError("packed_sdpa takes one packed row and no attention mask (the lengths say who sees whom)")
-    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
+    # the layout passes one tensor for both; comparing values would wait on the GPU at every layer
+    if (
+        cu_seq_lens_k is not None
+        and cu_seq_lens_k is not cu_seq_lens_q
+        and not torch.equal(cu_seq_lens_k, cu_seq_lens_q)
+    ):
         raise ValueError("packed_sdpa runs a prefill: queries and keys must have the same sequence lengths")
     kernel = cuda_varlen_kernel(query)
     if kernel is not None and kwargs.get("dropout", 0.0) == 0.0:
         groups = query.shape[1] // key.shape[1]
-        key, value = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (key, value))
+        gqa = {}
+        if groups > 1 and "enable_gqa" in varlen_parameters():
+            gqa = {"enable_gqa": True}
+        elif groups > 1:
+            key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
         flat = [t[0].transpose(0, 1) for t in (query, key, value)]  # [T, heads, dim]
         longest = int(max_length_q) if max_length_q is not None else int(cu_seq_lens_q.diff().max())
         out = kernel(
-            *flat, cu_seq_lens_q, cu_seq_lens_q, longest, longest, scale=kwargs.get("scaling"), window_size=(-1, 0)
-        )
+            *flat, cu_seq_lens_q, cu_seq_lens_q, longest, longest, scale=kwargs.get("scaling"), window_size=(-1, 0),
+            **gqa,
+        )  # fmt: skip
         return out[None], None
     outputs = [
         sdpa(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, **kwargs)[0]
@@ -194,12 +205,21 @@ def cuda_varlen_kernel(query: torch.Tensor) -> Callable | None:
     takes ``scale`` and ``window_size``), else None."""
     if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
         return None
+    if not {"scale", "window_size"} <= varlen_parameters():
+        return None
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+@functools.cache
+def varlen_parameters() -> frozenset[str]:
+    """The keyword names torch's ``varlen_attn`` takes (empty before torch 2.9, which has none), read once."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch before 2.9: the per-sample SDPA path
-        return None
-    accepted = inspect.signature(varlen_attn).parameters
-    return varlen_attn if "scale" in accepted and "window_size" in accepted else None
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def register_packed_sdpa() -> None:
