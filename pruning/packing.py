@@ -188,8 +188,11 @@ def packed_sdpa(
             key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
         flat = [t[0].transpose(0, 1) for t in (query, key, value)]  # [T, heads, dim]
         longest = int(max_length_q) if max_length_q is not None else int(cu_seq_lens_q.diff().max())
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        window = (-1, 0) if causal else (-1, -1)  # flash-attention's bottom-right causal window, or none (CLIP)
         out = kernel(
-            *flat, cu_seq_lens_q, cu_seq_lens_q, longest, longest, scale=kwargs.get("scaling"), window_size=(-1, 0),
+            *flat, cu_seq_lens_q, cu_seq_lens_q, longest, longest, scale=kwargs.get("scaling"), window_size=window,
             **gqa,
         )  # fmt: skip
         return out[None], None
@@ -241,6 +244,24 @@ def packed_backend(name: str | None) -> str | None:
     register_packed_sdpa()
     packed = name.removesuffix("sdpa") + PACKED_SDPA
     return packed if packed in ALL_ATTENTION_FUNCTIONS else None
+
+
+@contextmanager
+def packed_attention(configs: list[Any]) -> Iterator[None]:
+    """Switch these configs' attention implementations to their packed variants (``packed_backend``) for the block;
+    a config whose implementation has none raises before anything is changed."""
+    saved = [(config, config._attn_implementation) for config in configs]
+    packed = [packed_backend(name) for _, name in saved]
+    for (_, name), variant in zip(saved, packed):
+        if variant is None:
+            raise ValueError(f"attention implementation {name!r} has no packed variant (sdpa and flash_attention_* do)")
+    try:
+        for config, variant in zip(configs, packed):
+            config._attn_implementation = variant
+        yield
+    finally:
+        for config, name in saved:
+            config._attn_implementation = name
 
 
 # ---- the cache seen during the prefill ---------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from pruning.visual import (
     ReducedPatches,
     VisionContext,
     gather_patches,
-    key_padding_mask,
     raster_order_indices,
     register_vision_method,
 )
@@ -199,9 +198,8 @@ def keep_rule_reducer(context: VisionContext, rule: KeepRule) -> ReducedPatches:
     indices, mask = raster_order_indices(decision.ranking, decision.keep)  # [B, k_max]
     if config.visual_mode == "inside":
         tokens = torch.cat([hidden[:, :1], gather_patches(hidden[:, 1:], indices, mask)], dim=1)  # [B, 1+k_max, D]
-        tokens = context.run_layers(
-            tokens, config.visual_layer, context.select_index, key_padding_mask(mask, tokens.dtype)
-        )
+        valid = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        tokens = context.run_rows(tokens, config.visual_layer, context.select_index, valid)
         return ReducedPatches(tokens[:, 1:], mask, indices, tokens[:, :1], decision.inflection, scores)
     patches = gather_patches(context.features()[:, 1:], indices, mask)
     return ReducedPatches(patches, mask, indices, None, decision.inflection, scores)

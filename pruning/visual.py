@@ -24,6 +24,7 @@ from torch import nn
 
 from pruning import registry
 from pruning.config import PruningConfig
+from pruning.packing import PACK_MULTIPLE, PackedLayout, packed_attention, packed_backend
 from pruning.registry import Param
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -136,12 +137,31 @@ class VisionContext:
         self, tokens: torch.Tensor, start: int, stop: int, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """encoder.layers[start:stop] on any token set [B, t, D] (e.g. CLS + kept patches), with an optional
-        additive [B, 1, t, t] mask; see ``key_padding_mask`` for rows of different lengths."""
+        additive [B, 1, t, t] mask; ``run_rows`` runs rows of different lengths."""
         if attention_mask is not None:
             check_mask_support(self.layers[start], attention_mask)
         for layer in self.layers[start:stop]:
             tokens = layer(tokens, attention_mask)
         return tokens
+
+    def run_rows(self, tokens: torch.Tensor, start: int, stop: int, valid: torch.Tensor) -> torch.Tensor:
+        """encoder.layers[start:stop] on rows of different lengths: ``tokens`` [B, t, D], ``valid`` [B, t] True on
+        real tokens. The real tokens of all rows run packed in one sequence, each row attending to itself only
+        (``pruning.packing``), so the layers do the work of the real tokens only; returns [B, t, D], zeros on
+        padding. Rows of one length run as a batch; an attention without a packed variant (eager) runs padded with
+        the padded keys masked out."""
+        if bool(valid.all()):
+            return self.run_layers(tokens, start, stop)
+        layers = self.layers[start:stop]
+        configs = list({id(m.config): m.config for m in layers.modules() if hasattr(m, "is_causal")}.values())
+        if any(packed_backend(config._attn_implementation) is None for config in configs):
+            return self.run_layers(tokens, start, stop, key_padding_mask(valid, tokens.dtype))
+        layout = PackedLayout.from_mask(valid, PACK_MULTIPLE)
+        packed = layout.pack(tokens)[None]
+        with packed_attention(configs):
+            for layer in layers:
+                packed = layer(packed, None, **layout.attention_kwargs())
+        return layout.unpack(packed[0])
 
 
 VisionReducer = Callable[[VisionContext], ReducedPatches]
@@ -261,14 +281,12 @@ def _zero_padding(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.unsqueeze(-1), tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
 
 
-def key_padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive [B, 1, 1+k_max, 1+k_max] mask hiding the padded keys of CLS + kept rows; None when no row is
-    padded."""
-    if bool(mask.all()):
+def key_padding_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive [B, 1, t, t] mask hiding the keys that are not ``valid`` [B, t] (padding); None when none is."""
+    if bool(valid.all()):
         return None
-    keys = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # CLS is always a key
-    blocked = torch.zeros(keys.shape, dtype=dtype, device=mask.device).masked_fill(~keys, torch.finfo(dtype).min)
-    length = keys.shape[1]
+    blocked = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, torch.finfo(dtype).min)
+    length = valid.shape[1]
     return blocked[:, None, None, :].expand(-1, 1, length, length)
 
 

@@ -6,10 +6,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import transformers.modeling_flash_attention_utils as flash_utils
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from pruning.config import PruningConfig
+from pruning.packing import PACK_MULTIPLE
 from pruning.scoring import cls_patch_scores
 from pruning.visual import raster_order_indices, select_visual_tokens
 from pruning.visualize import grey_out_patches, plot_kept_patches, plot_similarity_curve, similarity_curve_figure
@@ -206,14 +208,58 @@ def test_inside_mode_runs_later_layers_on_kept_tokens_only(tower: CLIPVisionMode
     assert torch.equal(at_select.features, run(tower, pixels, **{**config, "visual_layer": 3}).features)
 
 
+def test_inside_mode_packs_rows_of_different_lengths(pixels: torch.Tensor) -> None:
+    """The layers after the pruning layer run once on the kept tokens of all images back to back (each image
+    attending to itself), and give what the padded batch with its padded keys masked out gives (eager attention has
+    no packed variant and runs so)."""
+    config = PruningConfig(visual_pruning="longtail", alpha=0.5, visual_layer=1, visual_mode="inside")
+    packed_tower, padded_tower = tiny_tower("sdpa"), tiny_tower("eager")
+    shapes = []
+    handle = packed_tower.encoder.layers[1].register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
+    with torch.no_grad():
+        packed = select_visual_tokens(packed_tower, pixels, config)
+        padded = select_visual_tokens(padded_tower, pixels, config)
+    handle.remove()
+    kept = packed.kept.tolist()
+    assert len(set(kept)) > 1 and kept == padded.kept.tolist()
+    width = -(-sum(k + 1 for k in kept) // PACK_MULTIPLE) * PACK_MULTIPLE  # CLS + kept per image, then the filler
+    assert tuple(shapes[-1][:2]) == (1, width)
+    torch.testing.assert_close(packed.features, padded.features, atol=1e-5, rtol=1e-5)
+    assert not packed.features[~packed.mask].any()  # zeros on padding
+
+
+def test_inside_mode_through_the_flash_attention_path(pixels: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' flash_attention_2 path (its kernels the documented-API reference) gets the packed rows'
+    cumulative lengths, not causal, and agrees with SDPA."""
+    from tests.test_packed_prefill import VARLEN_CALLS, reference_flash_attn_func, reference_flash_attn_varlen_func
+
+    config = PruningConfig(visual_pruning="longtail", alpha=0.5, visual_layer=1, visual_mode="inside")
+    with torch.no_grad():
+        expected = select_visual_tokens(tiny_tower("sdpa"), pixels, config)
+    kernels = (reference_flash_attn_func, reference_flash_attn_varlen_func, None, flash_utils._pad_input,
+               flash_utils._unpad_input)  # fmt: skip
+    monkeypatch.setattr(flash_utils, "_lazy_imports", lambda *args, **kwargs: kernels)
+    monkeypatch.setattr(flash_utils, "_loaded_implementation", None)
+    model = tiny_tower("sdpa")
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    VARLEN_CALLS.clear()
+    with torch.no_grad():
+        flash = select_visual_tokens(model, pixels, config)
+    assert flash.kept.tolist() == expected.kept.tolist()
+    torch.testing.assert_close(flash.features, expected.features, atol=1e-5, rtol=1e-5)
+    ends = torch.tensor([k + 1 for k in expected.kept.tolist()]).cumsum(0).tolist()
+    cumulative = VARLEN_CALLS[-1]["cu_seqlens_q"].tolist()
+    assert cumulative[: len(ends) + 1] == [0, *ends] and not VARLEN_CALLS[-1]["causal"]
+
+
 def test_inside_mode_refuses_attention_without_a_mask(pixels: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attention with neither a packed variant nor a 4D mask would attend to padded keys: refused."""
     model = tiny_tower()
-    # Only the attention's view of the config is swapped: loading real flash kernels needs a GPU.
     monkeypatch.setattr(
-        model.encoder.layers[1].self_attn, "config", SimpleNamespace(_attn_implementation="flash_attention_2")
+        model.encoder.layers[1].self_attn, "config", SimpleNamespace(_attn_implementation="flex_attention")
     )
     config = PruningConfig(visual_pruning="longtail", alpha=0.5, visual_layer=1, visual_mode="inside")
-    with torch.no_grad(), pytest.raises(ValueError, match="needs 'sdpa' or 'eager'.*'flash_attention_2'"):
+    with torch.no_grad(), pytest.raises(ValueError, match="needs 'sdpa' or 'eager'.*'flex_attention'"):
         select_visual_tokens(model, pixels, config)
 
 
