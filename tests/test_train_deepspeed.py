@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import llava.train.train as train_module
 from llava.model.builder import load_pretrained_model
 from llava.train.train import build_parser
 from tests.test_train_lora import LORA_FILES, image_inputs, make_workspace
@@ -207,3 +208,29 @@ def test_deepspeed_run_saves_lora_checkpoints_that_load(workspace, tmp_path, con
         losses, again = logged_losses(out), logged_losses(resumed)
         assert sorted(again) == [1, 2, 3, 4]  # 1-2 restored with the checkpoint's state, 3-4 trained again
         assert again == pytest.approx(losses, rel=1e-4)
+
+
+# ---- the end of a distributed run ------------------------------------------------------------------------------
+@pytest.mark.parametrize("outcome", ["left the group", "single process", "failed"])
+def test_the_process_ends_before_library_teardown_only_after_a_clean_distributed_run(monkeypatch, outcome):
+    """run_training registers its exit handler before anything else of the run; the handler ends the process (exit
+    status 0) only when every rank trained, saved and left the process group."""
+    handlers, exits = [], []
+    monkeypatch.setattr(train_module.atexit, "register", handlers.append)
+    monkeypatch.setattr(train_module.os, "_exit", exits.append)
+    monkeypatch.setitem(train_module._RUN, "left_the_group", False)
+
+    def fake_train(attn_implementation, argv):
+        assert handlers == [train_module.end_process_after_clean_shutdown]  # registered before the run
+        if outcome == "failed":
+            raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    monkeypatch.setattr(train_module, "shut_down_distributed", lambda: outcome == "left the group")
+    if outcome == "failed":
+        with pytest.raises(RuntimeError, match="a step failed"):
+            train_module.run_training(argv=[])
+    else:
+        train_module.run_training(argv=[])
+    handlers[0]()
+    assert exits == ([0] if outcome == "left the group" else [])

@@ -12,8 +12,10 @@ trained with. Data: ``llava.train.data``; trainer and sampler: ``llava.train.lla
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -357,17 +359,41 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None)
     return trainer
 
 
-def shut_down_distributed() -> None:
-    """Leave the process group together: a rank exiting while another still talks over gloo / DeepSpeed's shared
-    memory can abort at interpreter teardown ("terminate called without an active exception")."""
+def shut_down_distributed() -> bool:
+    """Leave the process group together (True when this process was in one): a rank exiting while another still
+    talks over gloo / DeepSpeed's shared memory can abort at interpreter teardown."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        return True
+    return False
+
+
+_RUN = {"left_the_group": False}
+
+
+def end_process_after_clean_shutdown() -> None:
+    """Exit handler of a run whose ranks all saved and left the process group: end the process here, after the
+    handlers registered later (wandb's among them) and before the interpreter's teardown. That teardown runs the C++
+    destructors of the distributed libraries, and in CPU runs under load one of them can abort ("terminate called
+    without an active exception", seen with DeepSpeed ZeRO-3 on gloo), which torchrun reports as a failed run
+    although everything was written. A run that failed keeps its exit status."""
+    if _RUN["left_the_group"]:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def run_training(attn_implementation: str | None = None, argv: list[str] | None = None) -> None:
+    """The scripts' entry: ``train``, then leave the process group and end the process cleanly."""
+    atexit.register(end_process_after_clean_shutdown)  # registered first, so it runs last
+    train(attn_implementation, argv)
+    _RUN["left_the_group"] = shut_down_distributed()
 
 
 def main() -> None:
-    train(argv=sys.argv[1:])
-    shut_down_distributed()
+    run_training(argv=sys.argv[1:])
 
 
 if __name__ == "__main__":

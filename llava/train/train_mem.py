@@ -2,7 +2,7 @@
 
 from importlib.util import find_spec
 
-from llava.train.train import shut_down_distributed, train
+from llava.train.train import run_training
 
 
 def main() -> None:
@@ -11,8 +11,7 @@ def main() -> None:
             "train_mem.py uses FlashAttention-2: pip install flash-attn --no-build-isolation "
             "(or run llava/train/train.py, which uses PyTorch SDPA attention)"
         )
-    train(attn_implementation="flash_attention_2")
-    shut_down_distributed()
+    run_training(attn_implementation="flash_attention_2")
 
 
 if __name__ == "__main__":
