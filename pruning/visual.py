@@ -291,12 +291,13 @@ def key_padding_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | 
 
 
 def check_mask_support(layer: nn.Module, attention_mask: torch.Tensor | None) -> None:
-    """Flash-style kernels take no additive 4D mask; padded keys would silently be attended to."""
+    """Kernels other than eager / SDPA take no additive 4D mask; padded keys would silently be attended to."""
     implementation = getattr(getattr(layer.self_attn, "config", None), "_attn_implementation", None) or "eager"
     if attention_mask is not None and implementation not in ("eager", "sdpa"):
         raise ValueError(
-            f"visual_mode 'inside' with samples keeping different counts needs 'sdpa' or 'eager' attention in the "
-            f"vision tower, found {implementation!r}; load the tower with attn_implementation='sdpa' or use batch 1"
+            f"visual_mode 'inside' with samples keeping different counts needs 'sdpa' or 'flash_attention_*' (packed "
+            f"rows) or 'eager' attention (padded rows, masked) in the vision tower, found {implementation!r}; load the "
+            "tower with attn_implementation='sdpa' or use batch 1"
         )
 
 
