@@ -23,6 +23,7 @@ from llava.model.internvl.conversation import hermes_2_prompt
 from llava.model.internvl.vision import merge_groups, pixel_shuffle
 from llava.testing.tiny_internvl import TinyInternVLSpec, write_tiny_internvl
 from pruning import LayerDropper, LayerView, PruningConfig, registry
+from pruning.packing import PACK_MULTIPLE
 
 LONGTAIL = PruningConfig(visual_pruning="longtail", visual_layer=2)
 BOTH = LONGTAIL.merged(kv_pruning="h2o")
@@ -135,10 +136,14 @@ def test_inside_mode_runs_the_later_layers_on_the_kept_blocks_only(tiny):
     pixels = processor([image((300, 90), 4)])["pixel_values"]
     tiles = pixels[0]
     inside = LONGTAIL.merged(visual_mode="inside")
+    shapes = []
+    spy = model.vision_model.encoder.layers[2].register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
     with torch.no_grad():
         everything = model.image_features(pixels, inside.merged(visual_pruning="ratio", visual_ratio=1.0))
         full = model.image_features(pixels, PruningConfig(visual_layer=2))
+        shapes.clear()
         pruned = model.image_features(pixels, inside)
+        spy.remove()
         kept = independent_kept(model, tiles, 2, 0.24)
         # reference: per tile, CLS + the kept blocks' patches (raster patch order) through layers 2..end, unmasked
         tower = model.vision_model
@@ -158,6 +163,10 @@ def test_inside_mode_runs_the_later_layers_on_the_kept_blocks_only(tiny):
     torch.testing.assert_close(everything.features[0], full.features[0], rtol=1e-5, atol=1e-5)
     assert pruned.extra[0]["crop_kept"] == [len(k) for k in kept]
     torch.testing.assert_close(pruned.features[0], torch.cat(expected), rtol=1e-5, atol=1e-5)
+    # tiles of different counts ran packed: one sequence of CLS + 4 patches per kept block per tile, then the filler
+    assert len(set(pruned.extra[0]["crop_kept"])) > 1
+    real = sum(1 + 4 * len(k) for k in kept)
+    assert tuple(shapes[0][:2]) == (1, -(-real // PACK_MULTIPLE) * PACK_MULTIPLE)
 
 
 def test_img_tags_wrap_the_kept_tokens(tiny):

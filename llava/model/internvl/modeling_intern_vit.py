@@ -4,7 +4,8 @@
 Follows OpenGVLab/InternVL ``modeling_intern_vit.py``: a CLS token, a learned position embedding interpolated
 (bicubic, in fp32) to the patch grid of the input, pre-norm layers with fused ``qkv`` (bias) and layer scale
 (``ls1``, ``ls2``), no final norm. Attention runs on ``torch.nn.functional.scaled_dot_product_attention``; it takes an
-optional key mask so that stage 1's 'inside' mode can run the later layers on a padded batch of kept tokens.
+optional key mask, or a packed layout (``pruning.packing``) under which stage 1's 'inside' mode runs the later layers
+on the kept tokens of tiles with different counts back to back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from llava.model.internvl.configuration_internvl_chat import InternVisionConfig
+from pruning.packing import PackedLayout, packed_sdpa
 
 
 class InternVisionEmbeddings(nn.Module):
@@ -63,14 +65,25 @@ class InternAttention(nn.Module):
                 f"vision_config.hidden_size {self.embed_dim} is not divisible by num_attention_heads {self.num_heads}"
             )
         self.scale = self.head_dim**-0.5
+        self.is_causal = False  # what packed_sdpa reads
         self.qkv = nn.Linear(self.embed_dim, 3 * self.embed_dim, bias=config.qkv_bias)
         self.proj = nn.Linear(self.embed_dim, self.embed_dim)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, N, D] -> [B, N, D]. ``attention_mask``: additive [B, 1, N, N] or None (every token sees every token)."""
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        packed: PackedLayout | None = None,
+    ) -> torch.Tensor:
+        """[B, N, D] -> [B, N, D]. ``attention_mask``: additive [B, 1, N, N] or None (every token sees every token).
+        ``packed``: the rows of ``hidden_states`` [1, T, D] are that layout's sequences back to back, each attending
+        to itself only (``pruning.packing.packed_sdpa``)."""
         batch, length, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)  # each [B, heads, N, head_dim]
+        if packed is not None:
+            out, _ = packed_sdpa(self, query, key, value, None, scaling=self.scale, **packed.attention_kwargs())
+            return self.proj(out.reshape(batch, length, dim))
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
@@ -110,8 +123,13 @@ class InternVisionEncoderLayer(nn.Module):
         self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
         self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), attention_mask) * self.ls1
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        packed: PackedLayout | None = None,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), attention_mask, packed) * self.ls1
         return hidden_states + self.mlp(self.norm2(hidden_states)) * self.ls2
 
     def scoring_view(self) -> SimpleNamespace:

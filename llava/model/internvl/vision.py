@@ -28,6 +28,7 @@ from torch import nn
 
 from llava.model.internvl.modeling_intern_vit import InternVisionModel
 from pruning import PruningConfig, apply_strategy, cls_patch_scores, raster_order_indices
+from pruning.packing import PACK_MULTIPLE, PackedLayout
 from pruning.strategies import is_keep_rule
 
 
@@ -193,8 +194,8 @@ def _run_inside(
     """The layers after visual_layer on CLS + the patches of the kept merged tokens only; returns [T, k_max, m*m*C].
 
     The patches of kept token t sit at rows 1 + t*g .. 1 + t*g + g - 1 (g = patches per token) in pixel-shuffle
-    order, so the output regroups with a reshape; the layers add no positional term, so the order is free. Padded
-    tokens are hidden from every key.
+    order, so the output regroups with a reshape; the layers add no positional term, so the order is free. Tiles of
+    different counts run packed (``pruning.packing``): the layers do the work of the real tokens only.
     """
     tiles, k_max = indices.shape
     per_token = groups.shape[1]
@@ -202,13 +203,17 @@ def _run_inside(
     patch_mask = mask.repeat_interleave(per_token, dim=1)
     patches = torch.gather(hidden[:, 1:], 1, patch_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     tokens = torch.cat([hidden[:, :1], patches], dim=1)  # [T, 1 + k_max*g, C]
-    attention_mask = None
-    if not bool(mask.all()):
-        keys = torch.cat([torch.ones_like(patch_mask[:, :1]), patch_mask], dim=1)
-        blocked = torch.zeros(keys.shape, dtype=tokens.dtype, device=tokens.device)
-        attention_mask = blocked.masked_fill(~keys, torch.finfo(tokens.dtype).min)[:, None, None, :]
-    for layer in layers:
-        tokens = layer(tokens, attention_mask)
+    if bool(mask.all()):
+        for layer in layers:
+            tokens = layer(tokens)
+    else:  # tiles keep different counts: their real tokens run back to back, each tile attending to itself
+        layout = PackedLayout.from_mask(
+            torch.cat([torch.ones_like(patch_mask[:, :1]), patch_mask], dim=1), PACK_MULTIPLE
+        )
+        packed = layout.pack(tokens)[None]
+        for layer in layers:
+            packed = layer(packed, None, layout)
+        tokens = layout.unpack(packed[0])
     features = tokens[:, 1:].reshape(tiles, k_max, -1)
     return torch.where(mask.unsqueeze(-1), features, torch.zeros((), dtype=features.dtype, device=features.device))
 
