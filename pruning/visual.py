@@ -157,10 +157,10 @@ class VisionContext:
         if any(packed_backend(config._attn_implementation) is None for config in configs):
             return self.run_layers(tokens, start, stop, key_padding_mask(valid, tokens.dtype))
         layout = PackedLayout.from_mask(valid, PACK_MULTIPLE)
-        packed = layout.pack(tokens)[None]
+        packed, lengths = layout.pack(tokens)[None], layout.attention_kwargs()
         with packed_attention(configs):
             for layer in layers:
-                packed = layer(packed, None, **layout.attention_kwargs())
+                packed = layer(packed, None, **lengths)
         return layout.unpack(packed[0])
 
 
