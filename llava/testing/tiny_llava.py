@@ -26,7 +26,6 @@ from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPTokenizer,
-    CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -34,6 +33,7 @@ from transformers import (
 )
 
 from llava.constants import CLIP_MEAN, CLIP_STD
+from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTowerModel
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.tokenization import load_tokenizer, train_sentencepiece
 
@@ -251,7 +251,7 @@ def write_tiny_llava_next(
     vocab = len(load_tokenizer(out))
 
     state = _llm_and_projector_state(spec, vocab, seed, family=llm, rotary_buffers=False)
-    tower = CLIPVisionModel.from_pretrained(tower_dir)
+    tower = CLIPVisionTowerModel.from_pretrained(tower_dir)  # the quiet loader: the folder holds the text side too
     with torch.no_grad():
         for key, value in tower.state_dict().items():
             tuned = value + 0.02 * torch.randn_like(value) if value.is_floating_point() else value
