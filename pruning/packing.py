@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,15 +124,19 @@ class PackedLayout:
         """The keywords transformers passes to the attention functions (``FlashAttentionKwargs``), which
         flash-attention hands to ``flash_attn_varlen_func`` as ``cu_seqlens_q/k`` and ``max_seqlen_q/k``; the filler
         is one more sequence."""
-        cu_seqlens = self.cu_seqlens
-        if self.fill:
-            cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([self.width])])
         return {
-            "cu_seq_lens_q": cu_seqlens,
-            "cu_seq_lens_k": cu_seqlens,
+            "cu_seq_lens_q": self.filled_cu_seqlens,
+            "cu_seq_lens_k": self.filled_cu_seqlens,
             "max_length_q": self.max_seqlen,
             "max_length_k": self.max_seqlen,
         }
+
+    @functools.cached_property
+    def filled_cu_seqlens(self) -> torch.Tensor:
+        """``cu_seqlens`` with the filler as one more sequence; built once, as every layer passes it."""
+        if not self.fill:
+            return self.cu_seqlens
+        return torch.cat([self.cu_seqlens, self.cu_seqlens.new_tensor([self.width])])
 
     def block_diagonal_mask(self) -> torch.Tensor:
         """[1, 1, total, total] bool: a query sees the earlier tokens of its own sample (the SDPA reference)."""
@@ -355,7 +359,7 @@ class PackedPrefill:
     def __init__(self, decoder: nn.Module):
         self.decoder = decoder
         self.configs = attention_configs(decoder)
-        self.saved: list[tuple[Any, str]] = []
+        self.attention: ExitStack | None = None  # the packed attention switch, held from before() to after()
         self.layout: PackedLayout | None = None
         self.cache: PackedPrefillCache | None = None
         self.done = False  # the prefill has run (packed or not): later forwards are decode steps
@@ -385,22 +389,24 @@ class PackedPrefill:
         kwargs = {**kwargs, "input_ids": None, "inputs_embeds": self.layout.pack(embeds)[None]}
         kwargs.update(attention_mask=None, position_ids=self.layout.position_ids(), past_key_values=self.cache)
         kwargs.update(self.layout.attention_kwargs())
-        self.saved = [(config, config._attn_implementation) for config in self.configs]
-        for config in self.configs:
-            config._attn_implementation = packed_backend(config._attn_implementation)
+        self.attention = ExitStack()
+        self.attention.enter_context(packed_attention(self.configs))
         self.packed = True
         return args, kwargs
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        if not self.saved:
+        if self.attention is None:
             return None
-        for config, name in self.saved:
-            config._attn_implementation = name
-        self.saved = []
+        self.restore_attention()
         output["last_hidden_state"] = self.cache.final_layout.unpack(output["last_hidden_state"][0])
         if "past_key_values" in output:
             output["past_key_values"] = self.cache.inner
         return output
+
+    def restore_attention(self) -> None:
+        if self.attention is not None:
+            self.attention.close()
+            self.attention = None
 
 
 @contextmanager
@@ -422,8 +428,7 @@ def packed_prefill(decoder: nn.Module) -> Iterator[PackedPrefill]:
     finally:
         for handle in handles:
             handle.remove()
-        for config, name in state.saved:  # a failed prefill whose forward hook did not run
-            config._attn_implementation = name
+        state.restore_attention()  # a failed prefill whose forward hook did not run
 
 
 def lengths_differ(attention_mask: torch.Tensor | None) -> bool:

@@ -26,6 +26,7 @@ from pruning.visual import (
     gather_patches,
     raster_order_indices,
     register_vision_method,
+    with_cls,
 )
 
 VISUAL_MODES = ("select", "inside")
@@ -198,8 +199,7 @@ def keep_rule_reducer(context: VisionContext, rule: KeepRule) -> ReducedPatches:
     indices, mask = raster_order_indices(decision.ranking, decision.keep)  # [B, k_max]
     if config.visual_mode == "inside":
         tokens = torch.cat([hidden[:, :1], gather_patches(hidden[:, 1:], indices, mask)], dim=1)  # [B, 1+k_max, D]
-        valid = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-        tokens = context.run_rows(tokens, config.visual_layer, context.select_index, valid)
+        tokens = context.run_rows(tokens, config.visual_layer, context.select_index, with_cls(mask))
         return ReducedPatches(tokens[:, 1:], mask, indices, tokens[:, :1], decision.inflection, scores)
     patches = gather_patches(context.features()[:, 1:], indices, mask)
     return ReducedPatches(patches, mask, indices, None, decision.inflection, scores)

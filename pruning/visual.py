@@ -157,10 +157,10 @@ class VisionContext:
         if any(packed_backend(config._attn_implementation) is None for config in configs):
             return self.run_layers(tokens, start, stop, key_padding_mask(valid, tokens.dtype))
         layout = PackedLayout.from_mask(valid, PACK_MULTIPLE)
-        packed, lengths = layout.pack(tokens)[None], layout.attention_kwargs()
+        packed = layout.pack(tokens)[None]
         with packed_attention(configs):
             for layer in layers:
-                packed = layer(packed, None, **lengths)
+                packed = layer(packed, None, **layout.attention_kwargs())
         return layout.unpack(packed[0])
 
 
@@ -216,7 +216,7 @@ def select_visual_tokens(
     if select_feature == "cls_patch":
         cls = reduced.cls if reduced.cls is not None else context.features()[:, :1]
         features = torch.cat([cls, patches], dim=1)
-        mask = torch.cat([torch.ones_like(reduced.mask[:, :1]), reduced.mask], dim=1)
+        mask = with_cls(reduced.mask)
     else:
         features, mask = patches, reduced.mask
     batch = pixel_values.shape[0]
@@ -275,6 +275,11 @@ def gather_patches(patches: torch.Tensor, indices: torch.Tensor, mask: torch.Ten
     """patches [B, n, D] -> [B, k_max, D] at ``indices``, zeros on padding."""
     gathered = torch.gather(patches, 1, indices.clamp(min=0).unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     return _zero_padding(gathered, mask)
+
+
+def with_cls(mask: torch.Tensor) -> torch.Tensor:
+    """[B, t] mask of kept patches -> [B, 1 + t]: CLS first, always real."""
+    return torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
 
 
 def _zero_padding(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from llava.model.builder import load_pretrained_model
 from llava.testing.tiny_llava import TinySpec, write_tiny_llava, write_tiny_llava_next
 from pruning.packing import PACK_MULTIPLE, PackedLayout, cuda_varlen_kernel, packed_sdpa
 from tests.helpers import random_image
-from tests.test_packed_prefill import CASES, SIZES, FakeAttention, PrefillSpy, prompts_for
+from tests.test_packed_prefill import CASES, SIZES, FakeAttention, PrefillSpy, as_flash_attn_func, prompts_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -175,16 +175,7 @@ def torch_flash_attn_varlen_func(
     )  # fmt: skip
 
 
-def torch_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **kwargs):
-    """``flash_attn_func`` ([batch, seqlen, heads, dim]) as the varlen function on equal lengths."""
-    batch, length_q, length_k = q.shape[0], q.shape[1], k.shape[1]
-    cu_q = torch.arange(0, (batch + 1) * length_q, length_q, dtype=torch.int32, device=q.device)
-    cu_k = torch.arange(0, (batch + 1) * length_k, length_k, dtype=torch.int32, device=q.device)
-    flat = torch_flash_attn_varlen_func(
-        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, length_q, length_k, dropout_p, softmax_scale,
-        causal,
-    )  # fmt: skip
-    return flat.view(q.shape)
+torch_flash_attn_func = as_flash_attn_func(torch_flash_attn_varlen_func)
 
 
 @pytest.mark.parametrize("case", ["stage1", "stages1+2"])

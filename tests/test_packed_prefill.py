@@ -249,16 +249,23 @@ def reference_flash_attn_varlen_func(
     return out
 
 
-def reference_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **kwargs):
-    """flash_attn_func ([batch, seqlen, heads, dim]) as the varlen function on equal lengths per batch row."""
-    batch, length_q, length_k = q.shape[0], q.shape[1], k.shape[1]
-    cu_q = torch.arange(0, (batch + 1) * length_q, length_q, dtype=torch.int32)
-    cu_k = torch.arange(0, (batch + 1) * length_k, length_k, dtype=torch.int32)
-    flat = reference_flash_attn_varlen_func(
-        q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), cu_q, cu_k, length_q,
-        length_k, softmax_scale=softmax_scale, causal=causal,
-    )  # fmt: skip
-    return flat.view(q.shape)
+def as_flash_attn_func(varlen_func):
+    """flash_attn_func ([batch, seqlen, heads, dim]) as ``varlen_func`` on equal lengths per batch row."""
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **kwargs):
+        batch, length_q, length_k = q.shape[0], q.shape[1], k.shape[1]
+        cu_q = torch.arange(0, (batch + 1) * length_q, length_q, dtype=torch.int32, device=q.device)
+        cu_k = torch.arange(0, (batch + 1) * length_k, length_k, dtype=torch.int32, device=q.device)
+        flat = varlen_func(
+            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, length_q, length_k, dropout_p=dropout_p,
+            softmax_scale=softmax_scale, causal=causal,
+        )  # fmt: skip
+        return flat.view(q.shape)
+
+    return flash_attn_func
+
+
+reference_flash_attn_func = as_flash_attn_func(reference_flash_attn_varlen_func)
 
 
 def test_the_varlen_arguments_give_the_block_diagonal_result() -> None:

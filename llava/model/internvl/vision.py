@@ -30,6 +30,7 @@ from llava.model.internvl.modeling_intern_vit import InternVisionModel
 from pruning import PruningConfig, apply_strategy, cls_patch_scores, raster_order_indices
 from pruning.packing import PACK_MULTIPLE, PackedLayout
 from pruning.strategies import is_keep_rule
+from pruning.visual import with_cls
 
 
 @dataclass
@@ -207,9 +208,7 @@ def _run_inside(
         for layer in layers:
             tokens = layer(tokens)
     else:  # tiles keep different counts: their real tokens run back to back, each tile attending to itself
-        layout = PackedLayout.from_mask(
-            torch.cat([torch.ones_like(patch_mask[:, :1]), patch_mask], dim=1), PACK_MULTIPLE
-        )
+        layout = PackedLayout.from_mask(with_cls(patch_mask), PACK_MULTIPLE)
         packed = layout.pack(tokens)[None]
         for layer in layers:
             packed = layer(packed, None, layout)

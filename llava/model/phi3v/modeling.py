@@ -37,7 +37,7 @@ from llava.model.phi3v.config import Phi3VConfig
 from llava.model.phi3v.image_processing import HDGrid, hd_grid
 from pruning import PruningConfig, VisionContext, apply_strategy, cls_patch_scores, raster_order_indices
 from pruning.strategies import is_keep_rule
-from pruning.visual import gather_patches
+from pruning.visual import gather_patches, with_cls
 
 
 @dataclass
@@ -173,8 +173,7 @@ class Phi3VImageEmbedding(nn.Module):
         patches = (top_left[..., None] + offsets).flatten(1)  # [N, 4 k_max]
         patch_mask = mask.repeat_interleave(4, dim=1)
         tokens = torch.cat([hidden[:, :1], gather_patches(hidden[:, 1:], patches, patch_mask)], dim=1)
-        valid = torch.cat([torch.ones_like(patch_mask[:, :1]), patch_mask], dim=1)
-        tokens = context.run_rows(tokens, start, context.select_index, valid)
+        tokens = context.run_rows(tokens, start, context.select_index, with_cls(patch_mask))
         count, _, dim = tokens.shape
         return tokens[:, 1:].reshape(count, -1, 4 * dim)
 
