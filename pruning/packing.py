@@ -326,12 +326,13 @@ class PackedPrefillCache:
 
 
 # ---- arming one generate call ---------------------------------------------------------------------------------
-def attention_configs(decoder: nn.Module) -> list[Any]:
-    """The distinct configs of the decoder's attention modules (what selects their attention function)."""
+def attention_configs(model: nn.Module) -> list[Any]:
+    """The distinct configs of the attention modules in ``model`` (a decoder, a run of tower layers): what selects
+    their attention function. transformers' attention modules say whether they are causal (``is_causal``)."""
     configs: dict[int, Any] = {}
-    for module in decoder.modules():
+    for module in model.modules():
         config = getattr(module, "config", None)
-        if hasattr(module, "layer_idx") and config is not None and hasattr(config, "_attn_implementation"):
+        if hasattr(module, "is_causal") and config is not None and hasattr(config, "_attn_implementation"):
             configs[id(config)] = config
     return list(configs.values())
 

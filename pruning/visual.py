@@ -24,7 +24,7 @@ from torch import nn
 
 from pruning import registry
 from pruning.config import PruningConfig
-from pruning.packing import PACK_MULTIPLE, PackedLayout, packed_attention, packed_backend
+from pruning.packing import PACK_MULTIPLE, PackedLayout, attention_configs, packed_attention, packed_backend
 from pruning.registry import Param
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -153,7 +153,7 @@ class VisionContext:
         if bool(valid.all()):
             return self.run_layers(tokens, start, stop)
         layers = self.layers[start:stop]
-        configs = list({id(m.config): m.config for m in layers.modules() if hasattr(m, "is_causal")}.values())
+        configs = attention_configs(layers)
         if any(packed_backend(config._attn_implementation) is None for config in configs):
             return self.run_layers(tokens, start, stop, key_padding_mask(valid, tokens.dtype))
         layout = PackedLayout.from_mask(valid, PACK_MULTIPLE)
