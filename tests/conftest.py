@@ -23,6 +23,19 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist (`--dist loadfile`) hands out files in collection order instead of by their number of tests, so the
+    # files with slow tests, collected first (below), start first and the workers end together (issue #18)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with a test marked ``slow`` first, each file's tests kept together and in their order."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     from llava.testing.tiny_llava import write_tiny_llava

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from llava import demo
 from llava.model.builder import checkpoint_tensors, load_pretrained_model
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 CHECKPOINT = demo.DEMO_MODEL
 TOWER = demo.DEMO_TOWER
 # The module fixture runs the demo (minutes). `pytest -n 2 --dist loadfile` (README, .ci/run) gives a file's tests to

@@ -31,6 +31,8 @@ from tests.helpers import (
     write_jsonl,
 )
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 BOTH_STAGES = ["--visual-pruning", "longtail", "--kv-pruning", "h2o"]
 TOKEN_KEYS = ("visual_before", "visual_after", "inflection", "prompt", "generated", "kv_final")
 

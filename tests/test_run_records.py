@@ -19,6 +19,8 @@ from llava.eval import merge_chunks, model_vqa_loader, run_record
 from llava.utils import default_conv_mode
 from tests.helpers import REPO, random_image, read_jsonl
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 DEMO = REPO / "playground" / "checkpoints" / "llava-v1.5-demo"
 POPE_MINI = REPO / "playground" / "data" / "eval" / "pope-mini"
 SCRIPTS = REPO / "scripts" / "v1_5" / "eval"
