@@ -204,3 +204,29 @@ def test_random_weights_default_to_the_papers_count_and_bad_flags_fail(capsys):
         with pytest.raises(SystemExit):
             speed.parse_args([*bad, "--no-plot", "--device", "cuda" if bad[0] == "--clock" else "cpu"])
         assert bad[0] in capsys.readouterr().err
+
+
+def _runs(*prefill: float) -> list:
+    from eval.tools.speed_results import RunResult
+
+    return [RunResult(p, p / 2, p / 2, 0.1, p + 1, 1.0, None, None) for p in prefill]
+
+
+def test_paired_speedup_is_the_median_of_the_ratios_within_each_repeat():
+    # a slow spell in repeat 2 hits both rows: the ratio within each repeat stays 2, the ratio of medians does not
+    base, row = _runs(10.0, 30.0, 12.0), _runs(5.0, 15.0, 9.0)
+    assert speed.paired_speedup(base, row) == pytest.approx(2.0)
+    assert speed.paired_speedup(base, row[:2]) is None  # repeats that do not pair up
+    assert speed.paired_speedup(base, _runs(5.0, 0.0, 9.0)) is None  # a time that is not positive
+
+
+def test_the_report_carries_the_paired_figures(tiny_result):
+    out, report = tiny_result
+    rows = {(row.config, row.batch): row for row in report.rows}
+    for (name, batch), row in rows.items():
+        expected = speed.paired_speedup(rows[("none", batch)].repeats, row.repeats)
+        assert row.ratios.prefill_speedup_paired == pytest.approx(expected), name
+    for batch, head in report.headline.ours_s1_packed_prefill.items():
+        ours, topk = rows[("ours-s1-packed", int(batch))], rows[("topk", int(batch))]
+        assert head.vs_topk_paired == pytest.approx(speed.paired_speedup(topk.repeats, ours.repeats))
+    assert "Packed / top-k, paired" in (out / "speed.md").read_text()

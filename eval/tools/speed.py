@@ -331,6 +331,15 @@ def summarise(name: str, batch: int, runs: list[RunResult], ideal: IdealCost, co
     )
 
 
+def paired_speedup(base: list[RunResult], row: list[RunResult]) -> float | None:
+    """Median over repeats of ``base``'s prefill time over ``row``'s in the same repeat. The rows of a repeat run one
+    after the other, so a slow spell of a shared machine hits both: steadier than the ratio of the medians."""
+    if not base or len(base) != len(row):
+        return None
+    ratios = [_ratio(b.prefill_s, r.prefill_s) for b, r in zip(base, row)]
+    return None if None in ratios else statistics.median(ratios)
+
+
 def ratios_to(base: Row, row: Row) -> Ratios:
     """``row`` against ``base``, the 'none' row of the same batch size."""
     measured = _ratio(base.prefill_s, row.prefill_s)
@@ -346,6 +355,7 @@ def ratios_to(base: Row, row: Row) -> Ratios:
         ideal_llm_prefill_speedup=_ratio(base.ideal_ops.llm, row.ideal_ops.llm),
         ideal_llm_roofline_time_speedup=_ratio(base.ideal_ops.llm_seconds, row.ideal_ops.llm_seconds),
         prefill_vs_ideal=_ratio(measured, ideal),
+        prefill_speedup_paired=paired_speedup(base.repeats, row.repeats),
     )
 
 
@@ -391,6 +401,8 @@ def headline(rows: list[Row], scaling: dict[str, dict[str, float | None]]) -> He
                 topk_prefill_speedup=None if topk is None else topk.ratios.prefill_speedup,
                 extra_mb=None if ours.extra_bytes is None else ours.extra_bytes / 2**20,
                 padded_extra_mb=None if padded is None or padded.extra_bytes is None else padded.extra_bytes / 2**20,
+                prefill_speedup_paired=ratios.prefill_speedup_paired,
+                vs_topk_paired=None if topk is None else paired_speedup(topk.repeats, ours.repeats),
             )
     scaling_to_largest = {name: values[largest] for name, values in scaling.items()}
     return Headline(
@@ -624,13 +636,14 @@ def markdown(report: SpeedReport) -> str:
             "",
             format_table(
                 ["Batch", "Padded", "Packed", "Top-k", "Ideal (unpadded)", "Ideal, padded batch",
-                 "Packed / ideal", "Packed / top-k", "Extra MB padded", "Extra MB packed"],
+                 "Packed / ideal", "Packed / top-k", "Packed, paired", "Packed / top-k, paired", "Extra MB padded",
+                 "Extra MB packed"],
                 [
                     [b, _fmt(padded[b].prefill_speedup if b in padded else None), _fmt(h.prefill_speedup),
                      _fmt(h.topk_prefill_speedup), _fmt(h.ideal_prefill_speedup),
                      _fmt(h.ideal_padded_prefill_speedup), _fmt(h.prefill_vs_ideal),
-                     _fmt(_ratio(h.prefill_speedup, h.topk_prefill_speedup)), _fmt(h.padded_extra_mb, 0),
-                     _fmt(h.extra_mb, 0)]
+                     _fmt(_ratio(h.prefill_speedup, h.topk_prefill_speedup)), _fmt(h.prefill_speedup_paired),
+                     _fmt(h.vs_topk_paired), _fmt(h.padded_extra_mb, 0), _fmt(h.extra_mb, 0)]
                     for b, h in report.headline.ours_s1_packed_prefill.items()
                 ],
             ),
@@ -650,7 +663,8 @@ def markdown(report: SpeedReport) -> str:
         "Speedup = time of `none` / time of the row, same batch size. Ideal = ratio of OPs (tower + projector + LLM "
         "prefill, each sample at its own length; the LLM part is eval.roofline's count); 'padded batch' counts the "
         "LLM at the batch's longest prompt, as a left-padded batch computes it; a packed prefill computes the "
-        "unpadded one. Extra MB = peak memory "
+        "unpadded one. 'Paired' = the median over repeats of the two rows' ratio within one repeat (the rows of a "
+        "repeat run back to back). Extra MB = peak memory "
         "above the level at the start of the call (weights excluded). "
         + ("Times are process CPU seconds (tokens per CPU second)." if setup.clock == "cpu" else "Times are wall "
            "seconds."),

@@ -65,6 +65,7 @@ class Ratios:
     ideal_llm_prefill_speedup: float | None
     ideal_llm_roofline_time_speedup: float | None
     prefill_vs_ideal: float | None  # measured prefill speedup / ideal prefill speedup
+    prefill_speedup_paired: float | None = None  # median over repeats of none's prefill / the row's, same repeat
 
 
 @dataclass
@@ -123,6 +124,8 @@ class PrefillHeadline:
     topk_prefill_speedup: float | None = None  # fixed top-k at the same mean count, same batch size
     extra_mb: float | None = None  # peak memory above the call's start (the row's)
     padded_extra_mb: float | None = None  # the same for the padded row (a packed row's counterpart)
+    prefill_speedup_paired: float | None = None  # Ratios.prefill_speedup_paired
+    vs_topk_paired: float | None = None  # median over repeats of top-k's prefill / ours, same repeat
 
 
 @dataclass
