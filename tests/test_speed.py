@@ -21,7 +21,7 @@ from eval.tools.speed_models import (
     prompt_ids,
     synthetic_images,
 )
-from eval.tools.speed_results import Row, SpeedReport
+from eval.tools.speed_results import Row, RunResult, SpeedReport
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerError
 from pruning import PruningConfig
@@ -206,9 +206,7 @@ def test_random_weights_default_to_the_papers_count_and_bad_flags_fail(capsys):
         assert bad[0] in capsys.readouterr().err
 
 
-def _runs(*prefill: float) -> list:
-    from eval.tools.speed_results import RunResult
-
+def _runs(*prefill: float) -> list[RunResult]:
     return [RunResult(p, p / 2, p / 2, 0.1, p + 1, 1.0, None, None) for p in prefill]
 
 
