@@ -199,6 +199,26 @@ def test_merging_chunks_answered_with_different_settings_is_refused(tmp_path) ->
     assert json.loads((tmp_path / "merged.run.json").read_text())["chunks"] == 2
 
 
+def test_merging_chunks_that_agree_imports_no_model_code(tmp_path) -> None:
+    """Chunks of one run carry the same record: the merge compares them as written and starts in a moment (filling
+    in the pruning defaults needs the method registry, i.e. torch and transformers: 3-4 s per merge)."""
+    pruning = {"visual_pruning": "longtail", "alpha": 0.24, "visual_layer": 16}
+    chunks = []
+    for idx in range(2):
+        chunk = tmp_path / f"2_{idx}.jsonl"
+        chunk.write_text(json.dumps({"question_id": idx}) + "\n")
+        run_record.write_record(run_record_path(chunk), {"benchmark": "b", "pruning": pruning})
+        chunks.append(str(chunk))
+    code = (
+        "import sys; from llava.eval import merge_chunks; "
+        f"status = merge_chunks.main({['--out', str(tmp_path / 'merged.jsonl'), *chunks]!r}); "
+        "print(status, sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'transformers', 'pruning')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[-2] == "0 []"
+    assert read_jsonl(tmp_path / "merged.jsonl") == [{"question_id": 0}, {"question_id": 1}]
+
+
 def test_an_empty_question_file_is_an_error(tiny_ckpt, tmp_path) -> None:
     empty = tmp_path / "q.jsonl"
     empty.write_text("\n")

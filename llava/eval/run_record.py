@@ -159,7 +159,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     found = []
     for key in COMPARED:
         before, after = old.get(key), new.get(key)
-        if key == "pruning":
+        if key == "pruning" and before != after:  # equal as written: equal with defaults (and no import of torch)
             before, after = with_pruning_defaults(before), with_pruning_defaults(after)
         if isinstance(before, dict) and isinstance(after, dict):
             for sub in sorted(set(before) | set(after)):
