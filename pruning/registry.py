@@ -176,6 +176,7 @@ class Method:
     description: str
     check: Callable[[Any], None] | None = None
     detail: Callable[[Any], str] | None = None
+    reads_text: bool = True  # vision side: reads the question per image (False: repeated images are encoded once)
 
     def describe(self, config: Any) -> str:
         if self.detail is not None:
@@ -202,6 +203,7 @@ def register(
     description: str,
     check: Callable[[Any], None] | None = None,
     detail: Callable[[Any], str] | None = None,
+    reads_text: bool = True,
 ) -> Method:
     """Add a method; its parameters join the config, the flags, ``--help`` and the docs table."""
     methods = _METHODS[selector(selector_key).key]
@@ -212,7 +214,8 @@ def register(
     params = tuple(params)
     for param in params:
         _check_new_param(param, f"{selector_key} method {name!r}")
-    method = Method(selector_key, name, implementation, params, " ".join(description.split()), check, detail)
+    description = " ".join(description.split())
+    method = Method(selector_key, name, implementation, params, description, check, detail, reads_text)
     methods[name] = method
     for param in params:
         _PARAMS.setdefault(param.name, param)

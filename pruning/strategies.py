@@ -110,6 +110,7 @@ def register_keep_rule(
             description=description,
             check=check,
             detail=lambda config: ", ".join([*([detail(config)] if detail else []), f"layer {config.visual_layer}"]),
+            reads_text=False,  # a keep rule sees the CLS scores only
         )
         return rule
 
@@ -326,7 +327,8 @@ def random_patches(
 
 
 @register_vision_method(
-    "none", description="No pruning: upstream's plain path, every select-layer patch (no scoring, no i*)."
+    "none", description="No pruning: upstream's plain path, every select-layer patch (no scoring, no i*).",
+    reads_text=False,
 )
 def keep_all(context: VisionContext) -> ReducedPatches:
     """The tower runs to the select layer only, as upstream LLaVA's did; no layer is scored, so the tower needs no

@@ -16,7 +16,7 @@ encoder.layers[i-1]. Only the layers some method asked for are run; upstream ran
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
@@ -174,10 +174,23 @@ def register_vision_method(
     description: str,
     check: Callable[[PruningConfig], None] | None = None,
     detail: Callable[[PruningConfig], str] | None = None,
+    reads_text: bool = True,
 ) -> Callable[[VisionReducer], VisionReducer]:
-    """Decorator: register ``reduce(context) -> ReducedPatches`` as ``--visual-pruning NAME``."""
+    """Decorator: register ``reduce(context) -> ReducedPatches`` as ``--visual-pruning NAME``.
+
+    A method decides for each image on its own (a batch gives what single images give). ``reads_text=False`` says it
+    never reads ``context.text``: then a batch's repeated images go through the tower once (several questions about
+    one image); a method that reads the question keeps the default, and a repeated image with another question runs
+    again.
+    """
     return registry.method_decorator(
-        "visual_pruning", name, params=params, description=description, check=check, detail=detail
+        "visual_pruning",
+        name,
+        params=params,
+        description=description,
+        check=check,
+        detail=detail,
+        reads_text=reads_text,
     )
 
 
@@ -203,12 +216,27 @@ def select_visual_tokens(
     """
     if select_feature not in SELECT_FEATURES:
         raise ValueError(f"unknown select_feature {select_feature!r}; choose one of {', '.join(SELECT_FEATURES)}")
+    method = config.method("visual_pruning")
+    if generator is None and not torch.is_grad_enabled():
+        first, where = distinct_rows(pixel_values, text if method.reads_text else None)
+        if len(first) < pixel_values.shape[0]:
+            once = select_visual_tokens(
+                vision_model,
+                pixel_values[first],
+                config,
+                select_layer,
+                select_feature,
+                None,
+                None if text is None else [text[i] for i in first],
+                projector,
+                text_tower,
+            )
+            return repeat_rows(once, where)
     tower = getattr(vision_model, "vision_model", vision_model)
     select_index = resolve_select_layer(select_layer, len(tower.encoder.layers))
     context = VisionContext(
         tower, pixel_values, config, select_index, generator, text, select_feature, projector, text_tower
     )
-    method = config.method("visual_pruning")
     reduced = method.implementation(context)
     kept = _check_reduced(reduced, method.name, pixel_values.shape[0], context.num_patches)
 
@@ -229,6 +257,42 @@ def select_visual_tokens(
         kept=kept,
         scores=reduced.scores,
     )
+
+
+def distinct_rows(pixel_values: torch.Tensor, text: Sequence[str] | None) -> tuple[list[int], torch.Tensor]:
+    """The first row of each distinct (image, question) of a batch, and for every row the position of its own in that
+    list: a benchmark asks several questions about one image (POPE: 6 per image and category, next to each other),
+    and the tower needs to see it once. Rows are compared exactly (a cheap fingerprint first)."""
+    flat = pixel_values.flatten(1)
+    weights = torch.linspace(1.0, 2.0, flat.shape[1], device=flat.device, dtype=torch.float32)
+    fingerprints = (flat.float() * weights).sum(dim=1).tolist()
+    first: list[int] = []
+    where: list[int] = []
+    for row, fingerprint in enumerate(fingerprints):
+        same = next(
+            (
+                slot
+                for slot, earlier in enumerate(first)
+                if fingerprints[earlier] == fingerprint
+                and (text is None or text[earlier] == text[row])
+                and torch.equal(flat[earlier], flat[row])
+            ),
+            None,
+        )
+        if same is None:
+            first.append(row)
+            same = len(first) - 1
+        where.append(same)
+    return first, torch.tensor(where, dtype=torch.long, device=pixel_values.device)
+
+
+def repeat_rows(selection: VisualSelection, where: torch.Tensor) -> VisualSelection:
+    """The selection of the distinct rows, laid out again as the batch had them (row b is row ``where[b]``)."""
+
+    def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.index_select(0, where.to(tensor.device))
+
+    return VisualSelection(*(take(getattr(selection, f.name)) for f in fields(VisualSelection)))
 
 
 def _check_reduced(reduced: ReducedPatches, name: str, batch: int, n: int) -> torch.Tensor:

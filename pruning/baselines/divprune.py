@@ -42,6 +42,7 @@ DIVPRUNE_RATIO = Param(
     description="DivPrune: max-min diversity (cosine distance) over the projected visual tokens; round(0.098 n) "
     "tokens, or visual_topk.",
     detail=lambda c: f"k={c.visual_topk}" if c.visual_topk else f"ratio={c.divprune_ratio}",
+    reads_text=False,
 )
 def divprune(context: VisionContext) -> ReducedPatches:
     if context.projector is None:

@@ -49,6 +49,7 @@ def window_centres(out: int, side: int) -> torch.Tensor:
     "square one; no scores).",
     check=require_budget,
     detail=lambda c: f"k={c.visual_topk}",
+    reads_text=False,
 )
 def pool(context: VisionContext) -> ReducedPatches:
     features = context.features()[:, 1:]  # [B, n, C]

@@ -58,6 +58,7 @@ def _check_prumerge(config: PruningConfig) -> None:
     "nearest tokens by key cosine, plus one token merging the pruned ones (adaptive count).",
     check=_check_prumerge,
     detail=lambda c: "adaptive" if c.prumerge_adaptive else f"k={c.visual_topk}",
+    reads_text=False,
 )
 def prumerge(context: VisionContext) -> ReducedPatches:
     config = context.config
@@ -69,6 +70,7 @@ def prumerge(context: VisionContext) -> ReducedPatches:
     "prumerge_plus",
     params=(PRUMERGE_IQR_FACTOR, PRUMERGE_NEIGHBOURS, PRUMERGE_PLUS_STRIDE),
     description="PruMerge+: PruMerge's outliers plus spatially uniform samples, merged the same way (adaptive count).",
+    reads_text=False,
 )
 def prumerge_plus(context: VisionContext) -> ReducedPatches:
     return prune_and_merge(context, plus=True, budget=None)

@@ -49,6 +49,7 @@ TOME_PROP_ATTN = Param(
     "size-weighted merging and proportional attention, r = ceil((n - visual_topk) / layers) tokens per layer.",
     check=require_budget,
     detail=lambda c: f"k={c.visual_topk}",
+    reads_text=False,
 )
 def tome(context: VisionContext) -> ReducedPatches:
     config = context.config

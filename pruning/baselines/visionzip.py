@@ -84,6 +84,7 @@ def split(config: PruningConfig, n: int) -> tuple[int, int]:
     "contextual tokens by key similarity; 54 + 10 by default, visual_topk split in that ratio.",
     check=_check_split,
     detail=lambda c: f"k={c.visual_topk}" if c.visual_topk else f"{c.visionzip_dominant}+{c.visionzip_contextual}",
+    reads_text=False,
 )
 def visionzip(context: VisionContext) -> ReducedPatches:
     n = context.num_patches
