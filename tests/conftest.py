@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -31,9 +32,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with a test marked ``slow`` first, each file's tests kept together and in their order."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    """Files with a test marked ``slow`` first, those with ``slow(start=N)`` in the order of N before the others,
+    each file's tests kept together and in their order."""
+    starts: dict[Path, float] = {}
+    for item in items:
+        marker = item.get_closest_marker("slow")
+        if marker is not None:
+            start = float(marker.kwargs.get("start", math.inf))
+            starts[item.path] = min(start, starts.get(item.path, math.inf))
+    items.sort(key=lambda item: (item.path not in starts, starts.get(item.path, math.inf)))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from llava import demo
 from llava.model.builder import checkpoint_tensors, load_pretrained_model
 
-pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+pytestmark = pytest.mark.slow(start=1)  # scheduled first, beside DeepSpeed (tests/conftest.py)
 
 CHECKPOINT = demo.DEMO_MODEL
 TOWER = demo.DEMO_TOWER
