@@ -212,12 +212,13 @@ def select_visual_tokens(
     (see ``pruning.strategies.apply_strategy``); ``projector`` (the model's multimodal projector) feeds methods that
     compare tokens in the LLM's input space (DivPrune); ``text`` (the question per image) and ``text_tower``
     feed text-guided methods (Recoverable Compression). Gradients flow into the kept features (a gather); wrap the call
-    in ``torch.no_grad()`` for a frozen tower.
+    in ``torch.no_grad()`` for a frozen tower. Without gradients, a repeated image (and question, for a method that
+    reads it) goes through the tower once, unless the method draws (``generator``); its rows get the same selection.
     """
     if select_feature not in SELECT_FEATURES:
         raise ValueError(f"unknown select_feature {select_feature!r}; choose one of {', '.join(SELECT_FEATURES)}")
     method = config.method("visual_pruning")
-    if generator is None and not torch.is_grad_enabled():
+    if pixel_values.shape[0] > 1 and generator is None and not torch.is_grad_enabled():
         first, where = distinct_rows(pixel_values, text if method.reads_text else None)
         if len(first) < pixel_values.shape[0]:
             once = select_visual_tokens(
