@@ -327,7 +327,8 @@ def random_patches(
 
 
 @register_vision_method(
-    "none", description="No pruning: upstream's plain path, every select-layer patch (no scoring, no i*).",
+    "none",
+    description="No pruning: upstream's plain path, every select-layer patch (no scoring, no i*).",
     reads_text=False,
 )
 def keep_all(context: VisionContext) -> ReducedPatches:

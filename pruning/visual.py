@@ -227,10 +227,9 @@ def select_visual_tokens(
                 config,
                 select_layer,
                 select_feature,
-                None,
-                None if text is None else [text[i] for i in first],
-                projector,
-                text_tower,
+                text=None if text is None else [text[i] for i in first],
+                projector=projector,
+                text_tower=text_tower,
             )
             return repeat_rows(once, where)
     tower = getattr(vision_model, "vision_model", vision_model)
@@ -263,26 +262,23 @@ def select_visual_tokens(
 def distinct_rows(pixel_values: torch.Tensor, text: Sequence[str] | None) -> tuple[list[int], torch.Tensor]:
     """The first row of each distinct (image, question) of a batch, and for every row the position of its own in that
     list: a benchmark asks several questions about one image (POPE: 6 per image and category, next to each other),
-    and the tower needs to see it once. Rows are compared exactly (a cheap fingerprint first)."""
+    and the tower needs to see it once. Rows are compared exactly, after a fingerprint (the sum of their bit patterns:
+    integer, so the same for equal rows wherever they sit). Questions that do not pair up with the rows: no sharing."""
+    rows = pixel_values.shape[0]
+    if text is not None and len(text) != rows:  # the method reports it
+        return list(range(rows)), torch.arange(rows, device=pixel_values.device)
     flat = pixel_values.flatten(1)
-    weights = torch.linspace(1.0, 2.0, flat.shape[1], device=flat.device, dtype=torch.float32)
-    fingerprints = (flat.float() * weights).sum(dim=1).tolist()
+    fingerprints = flat.float().view(torch.int32).sum(dim=1, dtype=torch.int64).tolist()
     first: list[int] = []
     where: list[int] = []
+    slots: dict[tuple[float, str | None], list[int]] = {}  # (fingerprint, question) -> positions in ``first``
     for row, fingerprint in enumerate(fingerprints):
-        same = next(
-            (
-                slot
-                for slot, earlier in enumerate(first)
-                if fingerprints[earlier] == fingerprint
-                and (text is None or text[earlier] == text[row])
-                and torch.equal(flat[earlier], flat[row])
-            ),
-            None,
-        )
+        candidates = slots.setdefault((fingerprint, None if text is None else text[row]), [])
+        same = next((slot for slot in candidates if torch.equal(flat[first[slot]], flat[row])), None)
         if same is None:
+            same = len(first)
             first.append(row)
-            same = len(first) - 1
+            candidates.append(same)
         where.append(same)
     return first, torch.tensor(where, dtype=torch.long, device=pixel_values.device)
 
