@@ -486,3 +486,33 @@ def test_speed_suite_reports_packed_rows_ideals_and_the_queue(tiny_ckpt, tmp_pat
     assert len(written["queue"]) == 4
     text = (out / "speed.md").read_text()
     assert "Packed against padded prefill" in text and "grouped by length, packed" in text
+
+
+def test_speed_suite_control_row_times_top_k_twice(tiny_ckpt, tmp_path) -> None:
+    """--control: top-k's work a second time in every repeat, and its paired ratio to top-k beside packed's."""
+    out = tmp_path / "speed"
+    report = speed.main(
+        ["--model-path", str(tiny_ckpt), "--batch-sizes", "1", "3", "--repeats", "3", "--warmup", "0",
+         "--new-tokens", "2", "--target-visual-tokens", "20", "--control", "--no-plot", "--out", str(out),
+         "--device", "cpu"]
+    )  # fmt: skip
+    rows = {(row.config, row.batch): row for row in report.rows}
+    for batch in (1, 3):
+        control, topk = rows[speed.CONTROL_ROW, batch], rows["topk", batch]
+        assert control.token_stats == topk.token_stats and len(control.repeats) == 3
+    head = report.headline.ours_s1_packed_prefill["3"]
+    ratios = [t.prefill_s / c.prefill_s for t, c in zip(rows["topk", 3].repeats, rows[speed.CONTROL_ROW, 3].repeats)]
+    assert head.topk_control_paired == pytest.approx(sorted(ratios)[1])
+    assert head.topk_control_paired_range == pytest.approx([min(ratios), max(ratios)])
+    low, high = head.vs_topk_paired_range
+    assert low <= head.vs_topk_paired <= high
+    assert "topk-again" in report.batch_scaling
+    written = json.loads((out / "speed.json").read_text())
+    assert written["headline"]["ours_s1_packed_prefill"]["3"]["topk_control_paired"] == head.topk_control_paired
+    assert "Control: top-k against itself" in (out / "speed.md").read_text()
+    plain = speed.main(
+        ["--model-path", str(tiny_ckpt), "--batch-sizes", "2", "--repeats", "1", "--warmup", "0", "--new-tokens", "2",
+         "--no-plot", "--out", str(tmp_path / "plain"), "--device", "cpu"]
+    )  # fmt: skip
+    assert {row.config for row in plain.rows} == set(speed.ROWS)  # no control row unless asked
+    assert plain.headline.ours_s1_packed_prefill["2"].topk_control_paired is None

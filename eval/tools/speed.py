@@ -79,6 +79,7 @@ from pruning import PruningConfig
 
 ROWS = ("none", "topk", "ours-s1", "ours-s12", "ours-s1-packed", "ours-s12-packed")
 PACKED_ROWS = {"ours-s1-packed": "ours-s1", "ours-s12-packed": "ours-s12"}  # row -> the padded row it packs
+CONTROL_ROW = "topk-again"  # with --control: top-k's work run twice per repeat, so its ratio to top-k is the noise
 ROW_TITLES = {
     "none": "no pruning",
     "topk": "fixed top-k, same mean count",
@@ -86,6 +87,7 @@ ROW_TITLES = {
     "ours-s12": "ours, stages 1+2 (padded prefill)",
     "ours-s1-packed": "ours, stage 1, packed prefill",
     "ours-s12-packed": "ours, stages 1+2, packed prefill",
+    CONTROL_ROW: "control: fixed top-k again (the same work as `topk`)",
 }
 PAPER_VISUAL_TOKENS = 120  # "Ours" in the paper's Table 6 (60 text tokens + 120 visual tokens)
 PAPER_TEXT_TOKENS = 60
@@ -296,11 +298,13 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def timed_rows(base: PruningConfig, plan: RowPlan) -> dict[str, tuple[PruningConfig, bool]]:
-    """Every row's pruning settings and whether its prefill is packed."""
+def timed_rows(base: PruningConfig, plan: RowPlan, control: bool = False) -> dict[str, tuple[PruningConfig, bool]]:
+    """Every row's pruning settings and whether its prefill is packed (``control``: and top-k's again)."""
     configs = row_configs(base, plan)
     rows = {name: (config, False) for name, config in configs.items()}
     rows.update({name: (configs[padded], True) for name, padded in PACKED_ROWS.items()})
+    if control:
+        rows[CONTROL_ROW] = rows["topk"]
     return rows
 
 
@@ -331,13 +335,25 @@ def summarise(name: str, batch: int, runs: list[RunResult], ideal: IdealCost, co
     )
 
 
-def paired_speedup(base: list[RunResult], row: list[RunResult]) -> float | None:
-    """Median over repeats of ``base``'s prefill time over ``row``'s in the same repeat. The rows of a repeat run one
-    after the other, so a slow spell of a shared machine hits both: steadier than the ratio of the medians."""
+def paired_ratios(base: list[RunResult], row: list[RunResult]) -> list[float] | None:
+    """``base``'s prefill time over ``row``'s, repeat by repeat (None where the repeats do not pair up)."""
     if not base or len(base) != len(row):
         return None
     ratios = [_ratio(b.prefill_s, r.prefill_s) for b, r in zip(base, row)]
-    return None if None in ratios else statistics.median(ratios)
+    return None if None in ratios else ratios
+
+
+def paired_speedup(base: list[RunResult], row: list[RunResult]) -> float | None:
+    """Median over repeats of ``base``'s prefill time over ``row``'s in the same repeat. The rows of a repeat run one
+    after the other, so a slow spell of a shared machine hits both: steadier than the ratio of the medians."""
+    ratios = paired_ratios(base, row)
+    return None if ratios is None else statistics.median(ratios)
+
+
+def paired_range(base: list[RunResult], row: list[RunResult]) -> list[float] | None:
+    """[lowest, highest] of the per-repeat ratios of ``paired_ratios``."""
+    ratios = paired_ratios(base, row)
+    return None if ratios is None else [min(ratios), max(ratios)]
 
 
 def ratios_to(base: Row, row: Row) -> Ratios:
@@ -369,7 +385,7 @@ def add_ratios(rows: list[Row]) -> None:
 def batch_scaling(rows: list[Row]) -> dict[str, dict[str, float | None]]:
     """Throughput at each batch size over throughput at the smallest, per row."""
     out: dict[str, dict[str, float | None]] = {}
-    for name in ROWS:
+    for name in (*ROWS, CONTROL_ROW):
         mine = sorted((r for r in rows if r.config == name), key=lambda r: r.batch)
         if mine:
             out[name] = {str(r.batch): _ratio(r.throughput_tok_s, mine[0].throughput_tok_s) for r in mine}
@@ -388,6 +404,7 @@ def headline(rows: list[Row], scaling: dict[str, dict[str, float | None]]) -> He
             ratios = ours.ratios
             vs_ideal = ratios.prefill_vs_ideal
             topk = by_key.get(("topk", ours.batch))
+            control = by_key.get((CONTROL_ROW, ours.batch))
             padded = by_key.get((PACKED_ROWS.get(name, name), ours.batch))
             prefill.setdefault(name, {})[str(ours.batch)] = PrefillHeadline(
                 visual_tokens=ours.visual_tokens,
@@ -403,6 +420,11 @@ def headline(rows: list[Row], scaling: dict[str, dict[str, float | None]]) -> He
                 padded_extra_mb=None if padded is None or padded.extra_bytes is None else padded.extra_bytes / 2**20,
                 prefill_speedup_paired=ratios.prefill_speedup_paired,
                 vs_topk_paired=None if topk is None else paired_speedup(topk.repeats, ours.repeats),
+                vs_topk_paired_range=None if topk is None else paired_range(topk.repeats, ours.repeats),
+                topk_control_paired=None if None in (topk, control) else paired_speedup(topk.repeats, control.repeats),
+                topk_control_paired_range=None
+                if None in (topk, control)
+                else paired_range(topk.repeats, control.repeats),
             )
     scaling_to_largest = {name: values[largest] for name, values in scaling.items()}
     return Headline(
@@ -425,8 +447,10 @@ def run_suite(
     new_tokens: int,
     hardware: str,
     clock: Callable[[], float] = time.perf_counter,
+    control: bool = False,
 ) -> tuple[list[Row], dict[str, RowSettings]]:
-    """Rows at every batch size, and the settings of each row (per batch size: alpha and k may differ).
+    """Rows at every batch size, and the settings of each row (per batch size: alpha and k may differ); ``control``
+    adds top-k's row a second time (``CONTROL_ROW``).
 
     Warm-up runs every row ``warmup`` times at the smallest batch size before anything is timed: first calls pay
     for thread pools, kernel selection and first-touch of the weights, which later shapes do not pay again.
@@ -436,11 +460,11 @@ def run_suite(
     rows: list[Row] = []
     settings: dict[str, RowSettings] = {}
     smallest = min(plans)
-    for config, packed in timed_rows(base, plans[smallest]).values():
+    for config, packed in timed_rows(base, plans[smallest], control).values():
         for _ in range(warmup):
             run_once(model, prompts.first(smallest), config, new_tokens, clock, packed)
     for batch, plan in plans.items():
-        configs = timed_rows(base, plan)
+        configs = timed_rows(base, plan, control)
         inputs = prompts.first(batch)
         for name, (config, _) in configs.items():
             settings.setdefault(name, RowSettings(ROW_TITLES[name])).pruning[str(batch)] = config.describe()
@@ -568,6 +592,10 @@ def _fmt(value: float | None, digits: int = 2, scale: float = 1.0) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value * scale:.{digits}f}"
 
 
+def _span(values: list[float] | None) -> str:
+    return "-" if values is None else f"{values[0]:.3f}-{values[1]:.3f}"
+
+
 def _mb(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
 
@@ -645,6 +673,22 @@ def markdown(report: SpeedReport) -> str:
                      _fmt(_ratio(h.prefill_speedup, h.topk_prefill_speedup)), _fmt(h.prefill_speedup_paired),
                      _fmt(h.vs_topk_paired), _fmt(h.padded_extra_mb, 0), _fmt(h.extra_mb, 0)]
                     for b, h in report.headline.ours_s1_packed_prefill.items()
+                ],
+            ),
+            "",
+        ]  # fmt: skip
+    control = {b: h for b, h in report.headline.ours_s1_packed_prefill.items() if h.topk_control_paired is not None}
+    if control:
+        lines += [
+            f"Control: top-k against itself (`{CONTROL_ROW}`, the same work in the same repeat) beside packed against "
+            "top-k; paired medians and the lowest and highest per-repeat ratio:",
+            "",
+            format_table(
+                ["Batch", "Top-k / itself, paired", "Range", "Top-k / packed, paired", "Range"],
+                [
+                    [b, _fmt(h.topk_control_paired, 3), _span(h.topk_control_paired_range),
+                     _fmt(h.vs_topk_paired, 3), _span(h.vs_topk_paired_range)]
+                    for b, h in control.items()
                 ],
             ),
             "",
@@ -770,6 +814,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also time a queue of this many batches of the largest batch size (ours-s1): question order against "
         "grouped by prompt length, padded against packed (0: skip)",
     )
+    run.add_argument(
+        "--control",
+        action="store_true",
+        help=f"also time top-k a second time in every repeat ('{CONTROL_ROW}'): its paired ratio to top-k is what "
+        "the machine's noise alone gives two rows that do the same work",
+    )
     run.add_argument("--image-folder", default=None, help="real images (default: synthetic shapes)")
     run.add_argument("--image-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"))
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -832,7 +882,15 @@ def main(argv: list[str] | None = None) -> SpeedReport:
         _log(f"{description}; batch {plan.batch}: alpha {plan.alpha}, top-k {plan.topk}, "
              f"{plan.visual_tokens:.1f} visual tokens per image expected")  # fmt: skip
     rows, configs = run_suite(
-        model, prompts, plans, args.repeats, args.warmup, args.new_tokens, args.hardware, CLOCKS[args.clock]
+        model,
+        prompts,
+        plans,
+        args.repeats,
+        args.warmup,
+        args.new_tokens,
+        args.hardware,
+        CLOCKS[args.clock],
+        args.control,
     )
     queue = []
     if args.group_window:

@@ -126,6 +126,9 @@ class PrefillHeadline:
     padded_extra_mb: float | None = None  # the same for the padded row (a packed row's counterpart)
     prefill_speedup_paired: float | None = None  # Ratios.prefill_speedup_paired
     vs_topk_paired: float | None = None  # median over repeats of top-k's prefill / ours, same repeat
+    vs_topk_paired_range: list[float] | None = None  # [lowest, highest] of those per-repeat ratios
+    topk_control_paired: float | None = None  # with --control: the same for top-k over its second run (the noise)
+    topk_control_paired_range: list[float] | None = None
 
 
 @dataclass
