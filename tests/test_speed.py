@@ -218,6 +218,17 @@ def test_paired_speedup_is_the_median_of_the_ratios_within_each_repeat():
     assert speed.paired_speedup(base, _runs(5.0, 0.0, 9.0)) is None  # a time that is not positive
 
 
+def test_the_run_order_moves_every_row_to_other_neighbours():
+    names = [*speed.ROWS, speed.CONTROL_ROW]
+    orders = [speed.run_order(names, repeat) for repeat in range(5)]
+    assert all(sorted(order) == sorted(names) for order in orders)  # every row once per repeat
+    assert orders == [speed.run_order(names, repeat) for repeat in range(5)]  # the same on every run
+    for name in names:
+        before = {order[order.index(name) - 1] if order.index(name) else None for order in orders}
+        places = {order.index(name) for order in orders}
+        assert len(before) >= 3 and len(places) >= 2, (name, before, places)  # no fixed neighbour, no fixed place
+
+
 def test_the_report_carries_the_paired_figures(tiny_result):
     out, report = tiny_result
     rows = {(row.config, row.batch): row for row in report.rows}

@@ -21,8 +21,8 @@ question order or grouped by prompt length (the images of the K batches encoded 
 
 Every run is one ``model.generate`` call with exactly ``--new-tokens`` new tokens: prefill = from the call to the
 first logits (tower + projector + merge + LLM prefill; the split at the LLM's first forward is reported too), decode
-per token = the mean time between later logits, throughput = generated tokens / call time. Runs alternate between
-the rows so that drift hits them alike; we report medians, and ratios to ``none`` at the same batch size. The ideal
+per token = the mean time between later logits, throughput = generated tokens / call time. The rows run in a new
+order in every repeat (a shuffle seeded by the repeat) so that drift hits them alike; we report medians, and ratios to ``none`` at the same batch size. The ideal
 speedup is the ratio of OPs: the vision tower and projector counted here, the LLM prefill by ``eval.roofline``
 (LLM-Viewer's count), each sample at its own prompt length.
 """
@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shlex
 import statistics
 import sys
@@ -308,6 +309,15 @@ def timed_rows(base: PruningConfig, plan: RowPlan, control: bool = False) -> dic
     return rows
 
 
+def run_order(names: list[str], repeat: int) -> list[str]:
+    """The rows' order in one repeat: shuffled, with the repeat as the seed (the same order on every run of the
+    suite). Drift hits the rows alike in expectation, and no row always runs next to the same one: on this project's
+    CPU machine the same work timed at two fixed places of the order differed by 2-8 % (``--control``)."""
+    order = list(names)
+    random.Random(repeat).shuffle(order)
+    return order
+
+
 def summarise(name: str, batch: int, runs: list[RunResult], ideal: IdealCost, config: PruningConfig) -> Row:
     """Medians of the timed runs; token figures from the first run (every run keeps the same tokens)."""
     stats = runs[0].token_stats
@@ -470,8 +480,7 @@ def run_suite(
             settings.setdefault(name, RowSettings(ROW_TITLES[name])).pruning[str(batch)] = config.describe()
         runs: dict[str, list[RunResult]] = {name: [] for name in configs}
         for repeat in range(repeats):
-            order = list(configs) if repeat % 2 == 0 else list(reversed(configs))
-            for name in order:
+            for name in run_order(list(configs), repeat):
                 config, packed = configs[name]
                 result = run_once(model, inputs, config, new_tokens, clock, packed)
                 runs[name].append(result)
