@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,25 @@ def test_paired_speedup_is_the_median_of_the_ratios_within_each_repeat():
     assert speed.paired_speedup(base, row) == pytest.approx(2.0)
     assert speed.paired_speedup(base, row[:2]) is None  # repeats that do not pair up
     assert speed.paired_speedup(base, _runs(5.0, 0.0, 9.0)) is None  # a time that is not positive
+
+
+def test_cpu_memory_of_a_call_counts_what_it_allocates_even_where_an_earlier_call_freed_memory():
+    """Blocks freed before the call (holes the kept blocks pin inside the heap) are handed back first, so the call's
+    own 94 MB show; without it the call reused them and showed 0 MB."""
+    if not speed.release_freed_memory():
+        pytest.skip("this C library has no malloc_trim")
+
+    def blocks(count: int) -> list[torch.Tensor]:
+        return [torch.ones(16 * 1024) for _ in range(count)]  # 64 KB each, from the heap
+
+    pairs = list(zip(blocks(2000), blocks(2000)))
+    pinned = [kept for _, kept in pairs]  # every other block freed, the rest keep the heap from shrinking
+    del pairs
+    with speed.MemoryMeter(torch.device("cpu"), interval=0.001) as meter:
+        new = blocks(1500)
+        time.sleep(0.05)
+    assert len(pinned) == 2000 and len(new) == 1500
+    assert meter.extra >= 0.8 * 1500 * 64 * 1024
 
 
 def test_the_run_order_moves_every_row_to_other_neighbours():
