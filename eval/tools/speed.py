@@ -576,12 +576,12 @@ def run_queue_suite(
     new_tokens: int,
     clock: Callable[[], float] = time.perf_counter,
 ) -> list[QueueRow]:
-    """Every queue mode ``repeats`` times, alternating the order; medians, speedups against the first mode."""
+    """Every queue mode ``repeats`` times, in the rows' shuffled order (``run_order``); medians, speedups against the
+    first mode."""
     runs: dict[str, list[float]] = {name: [] for name in QUEUE_MODES}
     positions: dict[str, int] = {}
     for repeat in range(repeats):
-        order = list(QUEUE_MODES) if repeat % 2 == 0 else list(reversed(QUEUE_MODES))
-        for name in order:
+        for name in run_order(list(QUEUE_MODES), repeat):
             seconds, positions[name] = run_queue(model, prompts, config, batch, *QUEUE_MODES[name], new_tokens, clock)
             runs[name].append(seconds)
             _log(f"queue of {prompts.size}, batch {batch}, repeat {repeat + 1}/{repeats} {name}: {seconds:8.3f} s")
