@@ -220,17 +220,17 @@ def test_paired_speedup_is_the_median_of_the_ratios_within_each_repeat():
 
 
 def test_cpu_memory_of_a_call_counts_what_it_allocates_even_where_an_earlier_call_freed_memory():
-    """Blocks freed before the call (holes the kept blocks pin inside the heap) are handed back first, so the call's
-    own 94 MB show; without it the call reused them and showed 0 MB."""
+    """Blocks freed before the call (a hole the blocks allocated after them pin inside the heap) are handed back
+    first, so the call's own 94 MB show; without it the call reused them and showed 0.03 MB."""
     if not speed.release_freed_memory():
         pytest.skip("this C library has no malloc_trim")
 
     def blocks(count: int) -> list[torch.Tensor]:
         return [torch.ones(16 * 1024) for _ in range(count)]  # 64 KB each, from the heap
 
-    pairs = list(zip(blocks(2000), blocks(2000)))
-    pinned = [kept for _, kept in pairs]  # every other block freed, the rest keep the heap from shrinking
-    del pairs
+    freed = blocks(2000)
+    pinned = blocks(2000)  # above the first 2000 in the heap: keeps it from shrinking when they are freed
+    del freed
     with speed.MemoryMeter(torch.device("cpu"), interval=0.001) as meter:
         new = blocks(1500)
         time.sleep(0.05)
