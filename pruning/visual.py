@@ -271,7 +271,7 @@ def distinct_rows(pixel_values: torch.Tensor, text: Sequence[str] | None) -> tup
     fingerprints = flat.float().view(torch.int32).sum(dim=1, dtype=torch.int64).tolist()
     first: list[int] = []
     where: list[int] = []
-    slots: dict[tuple[float, str | None], list[int]] = {}  # (fingerprint, question) -> positions in ``first``
+    slots: dict[tuple[int, str | None], list[int]] = {}  # (fingerprint, question) -> positions in ``first``
     for row, fingerprint in enumerate(fingerprints):
         candidates = slots.setdefault((fingerprint, None if text is None else text[row]), [])
         same = next((slot for slot in candidates if torch.equal(flat[first[slot]], flat[row])), None)

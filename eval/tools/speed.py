@@ -22,8 +22,8 @@ question order or grouped by prompt length (the images of the K batches encoded 
 Every run is one ``model.generate`` call with exactly ``--new-tokens`` new tokens: prefill = from the call to the
 first logits (tower + projector + merge + LLM prefill; the split at the LLM's first forward is reported too), decode
 per token = the mean time between later logits, throughput = generated tokens / call time. The rows run in a new
-order in every repeat (a shuffle seeded by the repeat) so that drift hits them alike; we report medians, and ratios to ``none`` at the same batch size. The ideal
-speedup is the ratio of OPs: the vision tower and projector counted here, the LLM prefill by ``eval.roofline``
+order in every repeat (a shuffle seeded by the repeat) so that drift hits them alike; we report medians, and ratios
+to ``none`` at the same batch size. The ideal speedup is the ratio of OPs: the vision tower and projector counted here, the LLM prefill by ``eval.roofline``
 (LLM-Viewer's count), each sample at its own prompt length.
 """
 
@@ -376,10 +376,10 @@ def paired_speedup(base: list[RunResult], row: list[RunResult]) -> float | None:
     return None if ratios is None else statistics.median(ratios)
 
 
-def paired_range(base: list[RunResult], row: list[RunResult]) -> list[float] | None:
-    """[lowest, highest] of the per-repeat ratios of ``paired_ratios``."""
-    ratios = paired_ratios(base, row)
-    return None if ratios is None else [min(ratios), max(ratios)]
+def paired_figures(base: Row | None, row: Row | None) -> tuple[float | None, list[float] | None]:
+    """The median and [lowest, highest] of ``paired_ratios`` of two rows (None, None where either is missing)."""
+    ratios = None if base is None or row is None else paired_ratios(base.repeats, row.repeats)
+    return (None, None) if ratios is None else (statistics.median(ratios), [min(ratios), max(ratios)])
 
 
 def ratios_to(base: Row, row: Row) -> Ratios:
@@ -432,6 +432,8 @@ def headline(rows: list[Row], scaling: dict[str, dict[str, float | None]]) -> He
             topk = by_key.get(("topk", ours.batch))
             control = by_key.get((CONTROL_ROW, ours.batch))
             padded = by_key.get((PACKED_ROWS.get(name, name), ours.batch))
+            vs_topk, vs_topk_range = paired_figures(topk, ours)
+            topk_control, topk_control_range = paired_figures(topk, control)
             prefill.setdefault(name, {})[str(ours.batch)] = PrefillHeadline(
                 visual_tokens=ours.visual_tokens,
                 prefill_speedup=ratios.prefill_speedup,
@@ -445,12 +447,10 @@ def headline(rows: list[Row], scaling: dict[str, dict[str, float | None]]) -> He
                 extra_mb=None if ours.extra_bytes is None else ours.extra_bytes / 2**20,
                 padded_extra_mb=None if padded is None or padded.extra_bytes is None else padded.extra_bytes / 2**20,
                 prefill_speedup_paired=ratios.prefill_speedup_paired,
-                vs_topk_paired=None if topk is None else paired_speedup(topk.repeats, ours.repeats),
-                vs_topk_paired_range=None if topk is None else paired_range(topk.repeats, ours.repeats),
-                topk_control_paired=None if None in (topk, control) else paired_speedup(topk.repeats, control.repeats),
-                topk_control_paired_range=None
-                if None in (topk, control)
-                else paired_range(topk.repeats, control.repeats),
+                vs_topk_paired=vs_topk,
+                vs_topk_paired_range=vs_topk_range,
+                topk_control_paired=topk_control,
+                topk_control_paired_range=topk_control_range,
             )
     scaling_to_largest = {name: values[largest] for name, values in scaling.items()}
     return Headline(
